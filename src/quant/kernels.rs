@@ -1,0 +1,317 @@
+//! CPU kernels on 4-bit weights: fast dequantization (to f32 and bf16) and the fused 4-bit
+//! matmuls a trainer needs, `y = x·Wᵀ` and `dx = dy·W`, which dequantize W one tile of rows at a
+//! time into a reusable buffer and hand each tile to the `gemm` microkernels (the same ones
+//! candle uses), so the whole dequantized matrix of a large layer never exists at once.
+//!
+//! Reference scalar path: `blockwise::dequantize_4bit_ref` (tested against this one).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows of W dequantized per tile in the fused matmuls. 256 rows of a 4096-wide layer are 4 MiB
+/// of f32: large enough that gemm's packing of `x` is amortised, small next to the weight.
+pub const TILE_ROWS: usize = 256;
+/// Elements per parallel dequantization chunk (even, so a chunk never splits a byte).
+const DEQUANT_CHUNK: usize = 1 << 14;
+
+/// Both codes of every byte value multiplied out: `PAIR[b] = [code[b >> 4], code[b & 15]]`.
+fn pair_table(code: &[f32; 16]) -> [[f32; 2]; 256] {
+    let mut t = [[0f32; 2]; 256];
+    for (b, slot) in t.iter_mut().enumerate() {
+        *slot = [code[b >> 4], code[b & 0x0f]];
+    }
+    t
+}
+
+/// Dequantizes the flat element range `start..start + out.len()` into `out` (f32), in parallel.
+///
+/// # Panics
+/// If the range exceeds the packed data or `absmax`.
+pub fn dequantize_range(
+    packed: &[u8],
+    absmax: &[f32],
+    code: &[f32; 16],
+    blocksize: usize,
+    start: usize,
+    out: &mut [f32],
+) {
+    let table = pair_table(code);
+    out.par_chunks_mut(DEQUANT_CHUNK)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            dequantize_serial(
+                packed,
+                absmax,
+                &table,
+                blocksize,
+                start + ci * DEQUANT_CHUNK,
+                chunk,
+            )
+        });
+}
+
+/// Single-threaded dequantization of a flat range; `start` may be odd.
+fn dequantize_serial(
+    packed: &[u8],
+    absmax: &[f32],
+    table: &[[f32; 2]; 256],
+    blocksize: usize,
+    start: usize,
+    out: &mut [f32],
+) {
+    let end = start + out.len();
+    let mut i = start;
+    let mut o = 0usize;
+    if i % 2 == 1 && i < end {
+        out[o] = table[packed[i / 2] as usize][1] * absmax[i / blocksize];
+        i += 1;
+        o += 1;
+    }
+    while i < end {
+        let block_end = ((i / blocksize + 1) * blocksize).min(end);
+        let scale = absmax[i / blocksize];
+        let pairs = (block_end - i) / 2;
+        let bytes = &packed[i / 2..i / 2 + pairs];
+        let dst = &mut out[o..o + 2 * pairs];
+        for (d, &b) in dst.chunks_exact_mut(2).zip(bytes) {
+            let p = table[b as usize];
+            d[0] = p[0] * scale;
+            d[1] = p[1] * scale;
+        }
+        i += 2 * pairs;
+        o += 2 * pairs;
+        if i < block_end {
+            // odd element at the end of the range
+            out[o] = table[packed[i / 2] as usize][0] * scale;
+            i += 1;
+            o += 1;
+        }
+    }
+}
+
+/// Rounds f32 to bf16 bits with round-to-nearest-even (NaN stays NaN).
+#[inline]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// `dst (M×N, row stride dst_rs) [+]= lhs (M×K) · rhs`, with arbitrary strides, through gemm.
+///
+/// # Safety contract (checked)
+/// The caller passes slices long enough for the strides; this is asserted.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm dst too short");
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "gemm lhs too short");
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "gemm rhs too short");
+    }
+    let threads = rayon::current_num_threads();
+    let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    };
+    // SAFETY: bounds asserted above; dst does not alias lhs/rhs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A 4-bit matrix view for the fused kernels: W is `rows × cols` (out × in), row-major.
+pub struct Packed4<'a> {
+    /// Packed nibbles, `(rows*cols+1)/2` bytes.
+    pub packed: &'a [u8],
+    /// f32 absmax per block.
+    pub absmax: &'a [f32],
+    /// Code values in code order.
+    pub code: &'a [f32; 16],
+    /// Elements per block.
+    pub blocksize: usize,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+}
+
+impl Packed4<'_> {
+    /// `y (M×rows) = x (M×cols) · Wᵀ`, dequantizing W one tile of rows at a time.
+    ///
+    /// # Panics
+    /// If `x.len() != m * cols` or `y.len() != m * rows`.
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols, "x shape");
+        assert_eq!(y.len(), m * self.rows, "y shape");
+        let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
+        for r0 in (0..self.rows).step_by(TILE_ROWS) {
+            let r1 = (r0 + TILE_ROWS).min(self.rows);
+            let t = &mut tile[..(r1 - r0) * self.cols];
+            dequantize_range(
+                self.packed,
+                self.absmax,
+                self.code,
+                self.blocksize,
+                r0 * self.cols,
+                t,
+            );
+            // rhs = tileᵀ: element (k, n) at tile[n*cols + k]
+            gemm_strided(
+                m,
+                r1 - r0,
+                self.cols,
+                &mut y[r0..],
+                self.rows,
+                false,
+                x,
+                self.cols,
+                1,
+                t,
+                1,
+                self.cols,
+            );
+        }
+    }
+
+    /// `dx (M×cols) = dy (M×rows) · W`, dequantizing W one tile of rows at a time.
+    ///
+    /// # Panics
+    /// If `dy.len() != m * rows` or `dx.len() != m * cols`.
+    pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32]) {
+        assert_eq!(dy.len(), m * self.rows, "dy shape");
+        assert_eq!(dx.len(), m * self.cols, "dx shape");
+        let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
+        for r0 in (0..self.rows).step_by(TILE_ROWS) {
+            let r1 = (r0 + TILE_ROWS).min(self.rows);
+            let t = &mut tile[..(r1 - r0) * self.cols];
+            dequantize_range(
+                self.packed,
+                self.absmax,
+                self.code,
+                self.blocksize,
+                r0 * self.cols,
+                t,
+            );
+            gemm_strided(
+                m,
+                self.cols,
+                r1 - r0,
+                dx,
+                self.cols,
+                r0 > 0,
+                &dy[r0..],
+                self.rows,
+                1,
+                t,
+                self.cols,
+                1,
+            );
+        }
+        if self.rows == 0 {
+            dx.fill(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::blockwise::{dequantize_4bit_ref, quantize_4bit, QuantType};
+
+    fn sample(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fast_dequant_equals_reference_on_odd_ranges() {
+        let data = sample(4097, 1);
+        let code = QuantType::Nf4.code();
+        let (packed, absmax) = quantize_4bit(&data, QuantType::Nf4, 64).unwrap();
+        let mut want = vec![0f32; 4097];
+        dequantize_4bit_ref(&packed, &absmax, &code, 64, &mut want);
+        for (s, e) in [(0, 4097), (1, 4096), (63, 130), (64, 65), (3, 4)] {
+            let mut got = vec![0f32; e - s];
+            dequantize_range(&packed, &absmax, &code, 64, s, &mut got);
+            assert_eq!(got, want[s..e], "range {s}..{e}");
+        }
+    }
+
+    #[test]
+    fn fused_matmuls_equal_dense() {
+        let (rows, cols, m) = (300, 96, 7);
+        let w = sample(rows * cols, 2);
+        let x = sample(m * cols, 3);
+        let dy = sample(m * rows, 4);
+        let code = QuantType::Fp4.code();
+        let (packed, absmax) = quantize_4bit(&w, QuantType::Fp4, 64).unwrap();
+        let mut wd = vec![0f32; rows * cols];
+        dequantize_4bit_ref(&packed, &absmax, &code, 64, &mut wd);
+        let p = Packed4 {
+            packed: &packed,
+            absmax: &absmax,
+            code: &code,
+            blocksize: 64,
+            rows,
+            cols,
+        };
+        let mut y = vec![0f32; m * rows];
+        p.matmul_t(&x, m, &mut y);
+        let mut dx = vec![0f32; m * cols];
+        p.matmul(&dy, m, &mut dx);
+        for i in 0..m {
+            for r in 0..rows {
+                let want: f64 = (0..cols)
+                    .map(|c| x[i * cols + c] as f64 * wd[r * cols + c] as f64)
+                    .sum();
+                assert!((y[i * rows + r] as f64 - want).abs() < 1e-4);
+            }
+            for c in 0..cols {
+                let want: f64 = (0..rows)
+                    .map(|r| dy[i * rows + r] as f64 * wd[r * cols + c] as f64)
+                    .sum();
+                assert!((dx[i * cols + c] as f64 - want).abs() < 1e-4);
+            }
+        }
+    }
+}
