@@ -392,9 +392,9 @@ mod tests {
                 assert_eq!(packed.len(), n.div_ceil(2));
                 let mut out = vec![0f32; n];
                 dequantize_4bit_ref(&packed, &absmax, &qt.code(), 64, &mut out);
-                // Widest gap between neighbouring codes: NF4 0.2770 (0.7230..1.0), FP4 1/3.
+                // Widest gap between neighbouring codes: NF4 0.3038 (-1..-0.6962), FP4 1/3.
                 let half_gap = match qt {
-                    QuantType::Nf4 => 0.2771 / 2.0,
+                    QuantType::Nf4 => 0.3039 / 2.0,
                     QuantType::Fp4 => 0.3334 / 2.0,
                 };
                 for (i, (&x, &y)) in data.iter().zip(&out).enumerate() {
