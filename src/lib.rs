@@ -1,11 +1,13 @@
 //! qdora: fine-tuning of Hugging Face Llama-family models on limited hardware, with QDoRA (DoRA
 //! adapters on an NF4 base) at its heart and full fine-tuning, LoRA, QLoRA and DoRA beside it.
 //!
-//! Modules depend one way: `io` → `quant` → `adapter` → `model` → `train` → `cli`.
+//! Modules depend one way: `io` → `ops` → `quant` → `adapter` → `model` → `train` → `cli`.
 //!
 //! Dimension legend used in shape comments: `B` batch, `T` tokens, `D` hidden, `H`/`Hkv` heads,
 //! `Dh` head dim, `F` MLP width, `V` vocab, `R` LoRA rank, `N = B*T` rows of a flattened batch.
 #![warn(missing_docs)]
 
 pub mod io;
+pub mod ops;
 pub mod quant;
+pub mod adapter;

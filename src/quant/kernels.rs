@@ -5,7 +5,6 @@
 //!
 //! Reference scalar path: `blockwise::dequantize_4bit_ref` (tested against this one).
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Rows of W dequantized per tile in the fused matmuls. 256 rows of a 4096-wide layer are 4 MiB
@@ -95,65 +94,6 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
-/// `dst (M×N, row stride dst_rs) [+]= lhs (M×K) · rhs`, with arbitrary strides, through gemm.
-///
-/// # Safety contract (checked)
-/// The caller passes slices long enough for the strides; this is asserted.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm dst too short");
-    if k > 0 {
-        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "gemm lhs too short");
-        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "gemm rhs too short");
-    }
-    let threads = rayon::current_num_threads();
-    let par = if m * n * k < 64 * 64 * 64 || threads <= 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads)
-    };
-    // SAFETY: bounds asserted above; dst does not alias lhs/rhs (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
 /// A 4-bit matrix view for the fused kernels: W is `rows × cols` (out × in), row-major.
 pub struct Packed4<'a> {
     /// Packed nibbles, `(rows*cols+1)/2` bytes.
@@ -191,7 +131,7 @@ impl Packed4<'_> {
                 t,
             );
             // rhs = tileᵀ: element (k, n) at tile[n*cols + k]
-            gemm_strided(
+            crate::ops::gemm(
                 m,
                 r1 - r0,
                 self.cols,
@@ -204,6 +144,7 @@ impl Packed4<'_> {
                 t,
                 1,
                 self.cols,
+                crate::ops::threads(),
             );
         }
     }
@@ -227,7 +168,7 @@ impl Packed4<'_> {
                 r0 * self.cols,
                 t,
             );
-            gemm_strided(
+            crate::ops::gemm(
                 m,
                 self.cols,
                 r1 - r0,
@@ -240,6 +181,7 @@ impl Packed4<'_> {
                 t,
                 self.cols,
                 1,
+                crate::ops::threads(),
             );
         }
         if self.rows == 0 {

@@ -1,0 +1,134 @@
+//! [`BaseWeight`]: the frozen weight an adapter wraps, dense (f32) or 4-bit (NF4/FP4). It offers
+//! exactly the products a LoRA-family layer needs and never a gradient for itself.
+
+use std::borrow::Cow;
+
+use crate::ops;
+use crate::quant::QuantizedWeight;
+
+/// A Linear layer's weight `W (out × in)`, frozen for adapter training.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// Dense f32, row-major `(out, in)`.
+    Dense {
+        /// The weight data.
+        w: Vec<f32>,
+        /// Output features.
+        out: usize,
+        /// Input features.
+        inp: usize,
+    },
+    /// bitsandbytes 4-bit.
+    Quant(QuantizedWeight),
+}
+
+impl BaseWeight {
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match self {
+            BaseWeight::Dense { out, .. } => *out,
+            BaseWeight::Quant(q) => q.rows(),
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        match self {
+            BaseWeight::Dense { inp, .. } => *inp,
+            BaseWeight::Quant(q) => q.cols(),
+        }
+    }
+
+    /// Whether the weight is stored 4-bit.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, BaseWeight::Quant(_))
+    }
+
+    /// Bytes the weight occupies as stored.
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense { w, .. } => w.len() * 4,
+            BaseWeight::Quant(q) => {
+                q.packed.len() + q.absmax.len() * if matches!(q.absmax, crate::quant::Absmax::Plain(_)) { 4 } else { 1 }
+            }
+        }
+    }
+
+    /// `y (n × out) = x (n × in) · Wᵀ`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        match self {
+            BaseWeight::Dense { w, out, inp } => ops::matmul_nt(x, n, w, *out, *inp),
+            BaseWeight::Quant(q) => {
+                let mut y = vec![0f32; n * q.rows()];
+                q.matmul_t(x, n, &mut y);
+                y
+            }
+        }
+    }
+
+    /// `dx (n × in) [+]= dy (n × out) · W`.
+    pub fn backward_input(&self, dy: &[f32], n: usize, dx: &mut [f32], acc: bool) {
+        match self {
+            BaseWeight::Dense { w, out, inp } => ops::matmul_nn_into(dy, n, w, *out, *inp, dx, acc),
+            BaseWeight::Quant(q) => {
+                if acc {
+                    let mut tmp = vec![0f32; dx.len()];
+                    q.matmul(dy, n, &mut tmp);
+                    for (d, t) in dx.iter_mut().zip(&tmp) {
+                        *d += t;
+                    }
+                } else {
+                    q.matmul(dy, n, dx);
+                }
+            }
+        }
+    }
+
+    /// The weight as f32 (dequantized and rounded to the stored dtype for 4-bit, as PEFT's
+    /// `dequantize_module_weight` returns it). Borrowed for dense weights.
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            BaseWeight::Dense { w, .. } => Cow::Borrowed(w),
+            BaseWeight::Quant(q) => Cow::Owned(q.dequantize_as_stored()),
+        }
+    }
+
+    /// Squared L2 norm of every row, in f32 (one streaming pass; for 4-bit, tile by tile).
+    pub fn row_norms_sq(&self) -> Vec<f32> {
+        let inp = self.in_features();
+        let sq = |row: &[f32]| row.iter().map(|v| v * v).sum::<f32>();
+        match self {
+            BaseWeight::Dense { w, .. } => w.chunks(inp.max(1)).map(sq).collect(),
+            BaseWeight::Quant(q) => {
+                let rows = q.rows();
+                let mut out = Vec::with_capacity(rows);
+                let tile = 256;
+                let mut buf = vec![0f32; tile.min(rows) * inp];
+                for r0 in (0..rows).step_by(tile) {
+                    let r1 = (r0 + tile).min(rows);
+                    let b = &mut buf[..(r1 - r0) * inp];
+                    q.dequantize_rows(r0, r1, b);
+                    for v in b.iter_mut() {
+                        *v = q.dtype.round(*v);
+                    }
+                    out.extend(b.chunks(inp.max(1)).map(sq));
+                }
+                out
+            }
+        }
+    }
+
+    /// `W · Aᵀ (out × r)` for `A (r × in)`: used for the DoRA norm without forming `W + sBA`.
+    pub fn times_at(&self, a: &[f32], r: usize) -> Vec<f32> {
+        // (A · Wᵀ)ᵀ: compute A·Wᵀ (r × out) with the forward kernel, then transpose (small).
+        let awt = self.forward(a, r);
+        let out = self.out_features();
+        let mut t = vec![0f32; out * r];
+        for k in 0..r {
+            for o in 0..out {
+                t[o * r + k] = awt[k * out + o];
+            }
+        }
+        t
+    }
+}

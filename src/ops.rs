@@ -1,0 +1,266 @@
+//! The compute layer under the layers: zero-copy access to candle CPU tensors as `f32` slices,
+//! tensor construction from buffers, and strided matrix products through the `gemm` crate
+//! (candle's own CPU matmul backend), so that transposed operands never need a copy.
+//!
+//! Layers pass `candle_core::Tensor`s between each other (the device layer a CUDA backend
+//! would plug into) and run their CPU kernels on the slices this module exposes.
+
+use candle_core::{Device, Shape, Storage, Tensor};
+use gemm::Parallelism;
+
+pub use candle_core::Result;
+
+/// Runs `f` on the contiguous f32 data of `t` without copying (copies only if `t` is strided
+/// or not f32).
+///
+/// # Errors
+/// A candle error if `t` is not on the CPU.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.dtype() != candle_core::DType::F32 {
+        t.to_dtype(candle_core::DType::F32)?
+    } else {
+        t.clone()
+    };
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let s = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            Ok(f(&s[start..start + layout.shape().elem_count()]))
+        }
+        _ => Err(candle_core::Error::Msg(
+            "qdora's CPU kernels need CPU tensors".into(),
+        )),
+    }
+}
+
+/// Copies the data of `t` into a new `Vec<f32>`.
+///
+/// # Errors
+/// As [`with_f32`].
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    with_f32(t, |s| s.to_vec())
+}
+
+/// Wraps a buffer as a CPU tensor (no copy).
+///
+/// # Errors
+/// If the length does not match the shape.
+pub fn tensor<S: Into<Shape>>(data: Vec<f32>, shape: S) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] lhs (m×k) · rhs (k×n)` with arbitrary element
+/// strides, through gemm. `threads` > 1 lets gemm split the work itself.
+///
+/// # Panics
+/// If a slice is too short for its shape and strides (a bug in the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm: dst too short");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too short"
+    );
+    assert!(
+        rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
+        "gemm: rhs too short"
+    );
+    let par = if threads <= 1 || m * n * k < 48 * 48 * 48 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    };
+    // SAFETY: every index gemm touches is inside the slices (asserted above), and `dst` is a
+    // unique borrow distinct from `lhs` and `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Threads to give one large matrix product (all of rayon's pool).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// `y (n×out) = x (n×in) · wᵀ` for a row-major `w (out×in)`.
+pub fn matmul_nt(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * out];
+    gemm(n, out, inp, &mut y, out, false, x, inp, 1, w, 1, inp, threads());
+    y
+}
+
+/// `y (n×in) [+]= d (n×out) · w (out×in)`.
+pub fn matmul_nn_into(
+    d: &[f32],
+    n: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+    acc: bool,
+) {
+    gemm(n, inp, out, y, inp, acc, d, out, 1, w, inp, 1, threads());
+}
+
+/// `g (p×q) [+]= aᵀ · b` for `a (n×p)`, `b (n×q)`: weight gradients.
+pub fn matmul_tn_into(a: &[f32], p: usize, b: &[f32], q: usize, n: usize, g: &mut [f32], acc: bool) {
+    gemm(p, q, n, g, q, acc, a, 1, p, b, q, 1, threads());
+}
+
+/// Measures the f32 matmul ceiling of this machine: GFLOP/s of a `size³` product, best of
+/// `reps` runs (used by benchmarks as the denominator of MFU).
+pub fn matmul_ceiling_gflops(size: usize, reps: usize) -> f64 {
+    let a = vec![1.0f32; size * size];
+    let b = vec![0.5f32; size * size];
+    let mut c = vec![0f32; size * size];
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        gemm(size, size, size, &mut c, size, false, &a, size, 1, &b, size, 1, threads());
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (size as f64).powi(3) / best / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_match_naive() {
+        let (n, out, inp) = (5, 7, 3);
+        let x: Vec<f32> = (0..n * inp).map(|i| i as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.7).sin()).collect();
+        let y = matmul_nt(&x, n, &w, out, inp);
+        for i in 0..n {
+            for o in 0..out {
+                let want: f32 = (0..inp).map(|k| x[i * inp + k] * w[o * inp + k]).sum();
+                assert!((y[i * out + o] - want).abs() < 1e-5);
+            }
+        }
+        let mut dx = vec![0f32; n * inp];
+        matmul_nn_into(&y, n, &w, out, inp, &mut dx, false);
+        let mut g = vec![0f32; out * inp];
+        matmul_tn_into(&y, out, &x, inp, n, &mut g, false);
+        for o in 0..out {
+            for k in 0..inp {
+                let want: f32 = (0..n).map(|i| y[i * out + o] * x[i * inp + k]).sum();
+                assert!((g[o * inp + k] - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn tensor_round_trip() {
+        let t = tensor(vec![1.0, 2.0, 3.0, 4.0], (2, 2)).unwrap();
+        assert_eq!(to_vec(&t.t().unwrap()).unwrap(), vec![1.0, 3.0, 2.0, 4.0]);
+    }
+}
+
+/// A small, fast, seedable random generator (SplitMix64) for dropout masks and initialisation:
+/// reproducible across platforms and crate versions, unlike library RNGs whose streams may change.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    state: u64,
+}
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    /// The internal state (saved in checkpoints so a resumed run draws the same numbers).
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    /// Restores a state from [`state`](Self::state).
+    pub fn from_state(state: u64) -> Self {
+        Self { state }
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    /// A derived generator (for a layer or a step) that does not disturb this one's stream.
+    pub fn fork(&self, salt: u64) -> Rng {
+        let mut r = Rng::new(self.state ^ salt.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        r.next_u64();
+        r
+    }
+}
+
+/// `c (m × n) = a (m × k) · b (k × n)`, all row-major.
+pub fn matmul_nn(a: &[f32], m: usize, b: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    gemm(m, n, k, &mut c, n, false, a, k, 1, b, n, 1, threads());
+    c
+}
