@@ -11,3 +11,4 @@ pub mod io;
 pub mod ops;
 pub mod quant;
 pub mod adapter;
+pub mod model;

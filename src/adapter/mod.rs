@@ -9,6 +9,8 @@ pub mod config;
 pub mod dora;
 pub mod error;
 pub mod lora;
+pub mod merge;
+pub mod peft_io;
 
 pub use base::BaseWeight;
 pub use config::{Bias, InitLoraWeights, LoraConfig, Resolved, TargetModules};

@@ -1,0 +1,348 @@
+//! [`Attention`]: grouped-query causal self-attention with RoPE (HF `LlamaAttention`; Qwen2's
+//! q/k/v biases and Qwen3's per-head q/k RMSNorm; Mistral's sliding window).
+//!
+//! Forward per batch row b and head h (group g = h / (H/Hkv)):
+//! `S = Q_h·K_gᵀ/√Dh` (causal mask), `P = softmax(S)`, `O_h = P·V_g`, `y = o_proj(concat O)`.
+//! Backward: `dV_g += Pᵀ·dO`, `dP = dO·V_gᵀ`, `dS = P⊙(dP − rowsum(dP⊙P))`,
+//! `dQ_h = dS·K_g/√Dh`, `dK_g += dSᵀ·Q_h/√Dh`, then the inverse RoPE rotation and the
+//! projections' backward. Shapes: x (N = B·T, D), q (N, H·Dh), k/v (N, Hkv·Dh),
+//! probabilities (B, H, T, T) saved for backward.
+
+use rayon::prelude::*;
+
+use super::linear::{Linear, LinearGrads, LinearSaved};
+use super::rms_norm::{RmsNorm, RmsNormSaved};
+use super::rope::Rope;
+use crate::ops::{self, Rng};
+
+/// Self-attention block of one decoder layer. Fields are named after checkpoint keys.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// `q_proj`: (H·Dh, D).
+    pub q_proj: Linear,
+    /// `k_proj`: (Hkv·Dh, D).
+    pub k_proj: Linear,
+    /// `v_proj`: (Hkv·Dh, D).
+    pub v_proj: Linear,
+    /// `o_proj`: (D, H·Dh).
+    pub o_proj: Linear,
+    /// Qwen3 `q_norm` over Dh.
+    pub q_norm: Option<RmsNorm>,
+    /// Qwen3 `k_norm` over Dh.
+    pub k_norm: Option<RmsNorm>,
+    /// H.
+    pub num_heads: usize,
+    /// Hkv.
+    pub num_kv_heads: usize,
+    /// Dh.
+    pub head_dim: usize,
+    /// Mistral sliding window.
+    pub sliding_window: Option<usize>,
+}
+
+/// Keys and values of earlier positions (one sequence), for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// (P, Hkv·Dh) keys after RoPE.
+    pub k: Vec<f32>,
+    /// (P, Hkv·Dh) values.
+    pub v: Vec<f32>,
+}
+
+/// Saved for backward.
+pub struct AttentionSaved {
+    q_lin: LinearSaved,
+    k_lin: LinearSaved,
+    v_lin: LinearSaved,
+    o_lin: LinearSaved,
+    /// Qwen3: pre-norm q and k (N, H·Dh), (N, Hkv·Dh) and their norm state.
+    qk_norm: Option<(Vec<f32>, RmsNormSaved, Vec<f32>, RmsNormSaved)>,
+    /// (N, H·Dh) after RoPE.
+    q: Vec<f32>,
+    /// (N, Hkv·Dh) after RoPE.
+    k: Vec<f32>,
+    /// (N, Hkv·Dh).
+    v: Vec<f32>,
+    /// (B·H, T, T) attention probabilities.
+    probs: Vec<f32>,
+    /// (N, H·Dh) input of o_proj.
+    ctx: Vec<f32>,
+    b: usize,
+    t: usize,
+}
+
+/// Gradients of the attention block's trainable tensors.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionGrads {
+    /// q_proj.
+    pub q_proj: LinearGrads,
+    /// k_proj.
+    pub k_proj: LinearGrads,
+    /// v_proj.
+    pub v_proj: LinearGrads,
+    /// o_proj.
+    pub o_proj: LinearGrads,
+    /// q_norm weight (full fine-tuning).
+    pub q_norm: Option<Vec<f32>>,
+    /// k_norm weight (full fine-tuning).
+    pub k_norm: Option<Vec<f32>>,
+}
+
+struct Dims {
+    h: usize,
+    hkv: usize,
+    dh: usize,
+}
+
+impl Attention {
+    fn dims(&self) -> Dims {
+        Dims {
+            h: self.num_heads,
+            hkv: self.num_kv_heads,
+            dh: self.head_dim,
+        }
+    }
+
+    /// Scaled-dot-product attention for `b` sequences of `tq` queries over `tk` keys, where
+    /// query `i` sits at absolute position `pos0 + i` and keys at `0..tk`. Returns the context
+    /// (b·tq, H·Dh) and the probabilities (b·H, tq, tk).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        b: usize,
+        tq: usize,
+        tk: usize,
+        pos0: usize,
+        keep_probs: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let Dims { h, hkv, dh } = self.dims();
+        let group = h / hkv;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let (qs, ks) = (h * dh, hkv * dh);
+        let window = self.sliding_window;
+        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                let g = hi / group;
+                let qo = bi * tq * qs + hi * dh;
+                let ko = bi * tk * ks + g * dh;
+                let mut s = vec![0f32; tq * tk];
+                ops::gemm(tq, tk, dh, &mut s, tk, false, &q[qo..], qs, 1, &k[ko..], 1, ks, 1);
+                for i in 0..tq {
+                    let row = &mut s[i * tk..(i + 1) * tk];
+                    let p = pos0 + i;
+                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                    let hi_ = (p + 1).min(tk);
+                    let mut mx = f32::NEG_INFINITY;
+                    for v in &row[lo..hi_] {
+                        mx = mx.max(*v * scale);
+                    }
+                    let mut sum = 0f32;
+                    for (j, v) in row.iter_mut().enumerate() {
+                        if j < lo || j >= hi_ {
+                            *v = 0.0;
+                        } else {
+                            *v = (*v * scale - mx).exp();
+                            sum += *v;
+                        }
+                    }
+                    let inv = 1.0 / sum;
+                    row[lo..hi_].iter_mut().for_each(|v| *v *= inv);
+                }
+                let mut o = vec![0f32; tq * dh];
+                ops::gemm(tq, dh, tk, &mut o, dh, false, &s, tk, 1, &v[ko..], ks, 1, 1);
+                (o, if keep_probs { s } else { Vec::new() })
+            })
+            .collect();
+        let mut ctx = vec![0f32; b * tq * qs];
+        let mut probs = Vec::with_capacity(if keep_probs { b * h * tq * tk } else { 0 });
+        for (bh, (o, p)) in results.into_iter().enumerate() {
+            let (bi, hi) = (bh / h, bh % h);
+            for i in 0..tq {
+                let dst = (bi * tq + i) * qs + hi * dh;
+                ctx[dst..dst + dh].copy_from_slice(&o[i * dh..(i + 1) * dh]);
+            }
+            probs.extend_from_slice(&p);
+        }
+        (ctx, probs)
+    }
+
+    fn project_qkv(
+        &self,
+        x: &[f32],
+        n: usize,
+        rng: &mut Rng,
+        train: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<[LinearSaved; 3]>) {
+        if train {
+            let (q, sq) = self.q_proj.forward_train(x, n, rng);
+            let (k, sk) = self.k_proj.forward_train(x, n, rng);
+            let (v, sv) = self.v_proj.forward_train(x, n, rng);
+            (q, k, v, Some([sq, sk, sv]))
+        } else {
+            (
+                self.q_proj.forward(x, n),
+                self.k_proj.forward(x, n),
+                self.v_proj.forward(x, n),
+                None,
+            )
+        }
+    }
+
+    /// Inference over `b` sequences of `t` new tokens. With a cache (b must be 1), the new
+    /// tokens follow the cached positions and their keys/values are appended.
+    ///
+    /// # Panics
+    /// If a cache is given with `b != 1`.
+    pub fn forward(&self, x: &[f32], b: usize, t: usize, rope: &Rope, cache: Option<&mut KvCache>) -> Vec<f32> {
+        let n = b * t;
+        let Dims { h, hkv, dh } = self.dims();
+        let (mut q, mut k, v, _) = self.project_qkv(x, n, &mut Rng::new(0), false);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q);
+            k = kn.forward(&k);
+        }
+        let pos0 = cache.as_ref().map_or(0, |c| c.k.len() / (hkv * dh));
+        rope.apply(&mut q, h, |i| pos0 + i % t, false);
+        rope.apply(&mut k, hkv, |i| pos0 + i % t, false);
+        let ctx = match cache {
+            Some(c) => {
+                assert_eq!(b, 1, "KV cache holds one sequence");
+                c.k.extend_from_slice(&k);
+                c.v.extend_from_slice(&v);
+                let tk = c.k.len() / (hkv * dh);
+                self.attend(&q, &c.k, &c.v, 1, t, tk, pos0, false).0
+            }
+            None => self.attend(&q, &k, &v, b, t, t, 0, false).0,
+        };
+        self.o_proj.forward(&ctx, n)
+    }
+
+    /// Training forward.
+    pub fn forward_train(&self, x: &[f32], b: usize, t: usize, rope: &Rope, rng: &mut Rng) -> (Vec<f32>, AttentionSaved) {
+        let n = b * t;
+        let Dims { h, hkv, .. } = self.dims();
+        let (mut q, mut k, v, lin) = self.project_qkv(x, n, rng, true);
+        let [q_lin, k_lin, v_lin] = lin.expect("train projections save state");
+        let qk_norm = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => {
+                let (qq, sq) = qn.forward_train(&q);
+                let (kk, sk) = kn.forward_train(&k);
+                let pre_q = std::mem::replace(&mut q, qq);
+                let pre_k = std::mem::replace(&mut k, kk);
+                Some((pre_q, sq, pre_k, sk))
+            }
+            _ => None,
+        };
+        rope.apply(&mut q, h, |i| i % t, false);
+        rope.apply(&mut k, hkv, |i| i % t, false);
+        let (ctx, probs) = self.attend(&q, &k, &v, b, t, t, 0, true);
+        let (y, o_lin) = self.o_proj.forward_train(&ctx, n, rng);
+        (
+            y,
+            AttentionSaved {
+                q_lin,
+                k_lin,
+                v_lin,
+                o_lin,
+                qk_norm,
+                q,
+                k,
+                v,
+                probs,
+                ctx,
+                b,
+                t,
+            },
+        )
+    }
+
+    /// Backward: `dx` (N, D) and gradients. `x` is the input given to `forward_train`.
+    pub fn backward(&self, saved: AttentionSaved, x: &[f32], dy: &[f32], rope: &Rope) -> (Vec<f32>, AttentionGrads) {
+        let AttentionSaved { q_lin, k_lin, v_lin, o_lin, qk_norm, q, k, v, probs, ctx, b, t } = saved;
+        let n = b * t;
+        let Dims { h, hkv, dh } = self.dims();
+        let group = h / hkv;
+        let scale = 1.0 / (dh as f32).sqrt();
+        let (qs, ks) = (h * dh, hkv * dh);
+        let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx, dy, n);
+        drop(ctx);
+        // Per (batch row, kv group): dq for its heads, dk and dv of the group.
+        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
+            .into_par_iter()
+            .map(|bg| {
+                let (bi, g) = (bg / hkv, bg % hkv);
+                let ko = bi * t * ks + g * dh;
+                let mut dk = vec![0f32; t * dh];
+                let mut dv = vec![0f32; t * dh];
+                let mut dq = vec![0f32; group * t * dh];
+                let mut dp = vec![0f32; t * t];
+                for (gi, hi) in (g * group..(g + 1) * group).enumerate() {
+                    let qo = bi * t * qs + hi * dh;
+                    let p = &probs[(bi * h + hi) * t * t..(bi * h + hi + 1) * t * t];
+                    // dV += Pᵀ·dO
+                    ops::gemm(t, dh, t, &mut dv, dh, true, p, 1, t, &dctx[qo..], qs, 1, 1);
+                    // dP = dO·Vᵀ
+                    ops::gemm(t, t, dh, &mut dp, t, false, &dctx[qo..], qs, 1, &v[ko..], 1, ks, 1);
+                    for i in 0..t {
+                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (d, &pp) in dr.iter_mut().zip(pr) {
+                            *d = pp * (*d - dot) * scale;
+                        }
+                    }
+                    // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
+                    let dqh = &mut dq[gi * t * dh..(gi + 1) * t * dh];
+                    ops::gemm(t, dh, t, dqh, dh, false, &dp, t, 1, &k[ko..], ks, 1, 1);
+                    ops::gemm(t, dh, t, &mut dk, dh, true, &dp, 1, t, &q[qo..], qs, 1, 1);
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        drop(probs);
+        let mut dq = vec![0f32; n * qs];
+        let mut dk = vec![0f32; n * ks];
+        let mut dv = vec![0f32; n * ks];
+        for (bg, (pq, pk, pv)) in parts.into_iter().enumerate() {
+            let (bi, g) = (bg / hkv, bg % hkv);
+            for i in 0..t {
+                let row = bi * t + i;
+                dk[row * ks + g * dh..row * ks + (g + 1) * dh].copy_from_slice(&pk[i * dh..(i + 1) * dh]);
+                dv[row * ks + g * dh..row * ks + (g + 1) * dh].copy_from_slice(&pv[i * dh..(i + 1) * dh]);
+                for gi in 0..group {
+                    let hi = g * group + gi;
+                    dq[row * qs + hi * dh..row * qs + (hi + 1) * dh]
+                        .copy_from_slice(&pq[gi * t * dh + i * dh..gi * t * dh + (i + 1) * dh]);
+                }
+            }
+        }
+        rope.apply(&mut dq, h, |i| i % t, true);
+        rope.apply(&mut dk, hkv, |i| i % t, true);
+        let mut grads = AttentionGrads {
+            o_proj: o_grads,
+            ..Default::default()
+        };
+        if let (Some((pre_q, sq, pre_k, sk)), Some(qn), Some(kn)) = (qk_norm, &self.q_norm, &self.k_norm) {
+            let (a, ga) = qn.backward(sq, &pre_q, &dq);
+            let (c, gc) = kn.backward(sk, &pre_k, &dk);
+            dq = a;
+            dk = c;
+            grads.q_norm = ga;
+            grads.k_norm = gc;
+        }
+        let (mut dx, gq) = self.q_proj.backward(q_lin, x, &dq, n);
+        let (dxk, gk) = self.k_proj.backward(k_lin, x, &dk, n);
+        let (dxv, gv) = self.v_proj.backward(v_lin, x, &dv, n);
+        for ((a, b), c) in dx.iter_mut().zip(&dxk).zip(&dxv) {
+            *a += b + c;
+        }
+        grads.q_proj = gq;
+        grads.k_proj = gk;
+        grads.v_proj = gv;
+        (dx, grads)
+    }
+}

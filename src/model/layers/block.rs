@@ -1,0 +1,138 @@
+//! [`Block`]: one decoder layer, `h = x + attn(norm1(x))`, `y = h + mlp(norm2(h))`, with optional
+//! activation checkpointing (save only `x` and the dropout RNG, recompute in backward).
+//!
+//! Backward mirrors forward: `dh = dy + norm2ᵀ(mlpᵀ(dy))`, `dx = dh + norm1ᵀ(attnᵀ(dh))`.
+
+use super::attention::{Attention, AttentionGrads, AttentionSaved, KvCache};
+use super::mlp::{Mlp, MlpGrads, MlpSaved};
+use super::rms_norm::{RmsNorm, RmsNormSaved};
+use super::rope::Rope;
+use crate::ops::Rng;
+
+/// A decoder layer. Fields are named after checkpoint keys.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `self_attn`.
+    pub self_attn: Attention,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+    /// `mlp`.
+    pub mlp: Mlp,
+}
+
+/// Everything backward needs, or (checkpointed) just enough to recompute it.
+pub enum BlockSaved {
+    /// All activations.
+    Full(Box<FullSaved>),
+    /// Activation checkpointing: the input (N, D) and the RNG the forward used.
+    Checkpointed {
+        /// (N, D) block input.
+        x: Vec<f32>,
+        /// RNG state at the start of the forward (dropout masks are redrawn identically).
+        rng: Rng,
+        /// Batch rows.
+        b: usize,
+        /// Tokens per row.
+        t: usize,
+    },
+}
+
+/// All activations of one block.
+pub struct FullSaved {
+    /// (N, D) block input.
+    x: Vec<f32>,
+    n1: RmsNormSaved,
+    /// (N, D) norm1 output (attention input).
+    a_in: Vec<f32>,
+    attn: AttentionSaved,
+    /// (N, D) residual after attention.
+    h: Vec<f32>,
+    n2: RmsNormSaved,
+    /// (N, D) norm2 output (MLP input).
+    m_in: Vec<f32>,
+    mlp: MlpSaved,
+    n: usize,
+}
+
+/// Gradients of a block's trainable tensors.
+#[derive(Debug, Clone, Default)]
+pub struct BlockGrads {
+    /// input_layernorm weight (full fine-tuning).
+    pub input_layernorm: Option<Vec<f32>>,
+    /// Attention.
+    pub self_attn: AttentionGrads,
+    /// post_attention_layernorm weight (full fine-tuning).
+    pub post_attention_layernorm: Option<Vec<f32>>,
+    /// MLP.
+    pub mlp: MlpGrads,
+}
+
+impl Block {
+    /// Inference, optionally extending a KV cache.
+    pub fn forward(&self, x: &[f32], b: usize, t: usize, rope: &Rope, cache: Option<&mut KvCache>) -> Vec<f32> {
+        let n = b * t;
+        let a = self.self_attn.forward(&self.input_layernorm.forward(x), b, t, rope, cache);
+        let h: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), n);
+        h.iter().zip(&m).map(|(p, q)| p + q).collect()
+    }
+
+    fn forward_full(&self, x: Vec<f32>, b: usize, t: usize, rope: &Rope, rng: &mut Rng) -> (Vec<f32>, FullSaved) {
+        let n = b * t;
+        let (a_in, n1) = self.input_layernorm.forward_train(&x);
+        let (a, attn) = self.self_attn.forward_train(&a_in, b, t, rope, rng);
+        let h: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
+        let (m_in, n2) = self.post_attention_layernorm.forward_train(&h);
+        let (m, mlp) = self.mlp.forward_train(&m_in, n, rng);
+        let y = h.iter().zip(&m).map(|(p, q)| p + q).collect();
+        (y, FullSaved { x, n1, a_in, attn, h, n2, m_in, mlp, n })
+    }
+
+    /// Training forward; with `checkpoint` only the input and RNG are kept.
+    pub fn forward_train(
+        &self,
+        x: Vec<f32>,
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        rng: Rng,
+        checkpoint: bool,
+    ) -> (Vec<f32>, BlockSaved) {
+        let mut r = rng.clone();
+        let (y, full) = self.forward_full(x, b, t, rope, &mut r);
+        if checkpoint {
+            (y, BlockSaved::Checkpointed { x: full.x, rng, b, t })
+        } else {
+            (y, BlockSaved::Full(Box::new(full)))
+        }
+    }
+
+    /// Backward: `dx` and gradients (recomputing the forward first when checkpointed).
+    pub fn backward(&self, saved: BlockSaved, dy: &[f32], rope: &Rope) -> (Vec<f32>, BlockGrads) {
+        let full = match saved {
+            BlockSaved::Full(f) => *f,
+            BlockSaved::Checkpointed { x, mut rng, b, t } => self.forward_full(x, b, t, rope, &mut rng).1,
+        };
+        let FullSaved { x, n1, a_in, attn, h, n2, m_in, mlp, n } = full;
+        let (dm_in, g_mlp) = self.mlp.backward(mlp, &m_in, dy, n);
+        drop(m_in);
+        let (dh_norm, g_n2) = self.post_attention_layernorm.backward(n2, &h, &dm_in);
+        drop(h);
+        let dh: Vec<f32> = dy.iter().zip(&dh_norm).map(|(a, b)| a + b).collect();
+        let (da_in, g_attn) = self.self_attn.backward(attn, &a_in, &dh, rope);
+        drop(a_in);
+        let (dx_norm, g_n1) = self.input_layernorm.backward(n1, &x, &da_in);
+        let dx = dh.iter().zip(&dx_norm).map(|(a, b)| a + b).collect();
+        (
+            dx,
+            BlockGrads {
+                input_layernorm: g_n1,
+                self_attn: g_attn,
+                post_attention_layernorm: g_n2,
+                mlp: g_mlp,
+            },
+        )
+    }
+}

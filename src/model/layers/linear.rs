@@ -1,0 +1,188 @@
+//! [`Linear`]: `y = x·Wᵀ + b`, with the frozen or trainable base weight (dense or 4-bit), an
+//! optional bias, and an optional LoRA/DoRA adapter (PEFT's `lora.Linear` / `lora.bnb.Linear4bit`).
+//!
+//! Gradients: `dx = dy·W (+ adapter)`, `dW = dyᵀ·x` (full fine-tuning only), `db = Σ_rows dy`.
+//! Shapes: x (N, in), y (N, out).
+
+use crate::adapter::{BaseGrad, BaseWeight, LoraAdapter, LoraGrads, LoraSaved};
+use crate::ops::{self, Rng};
+
+/// A Linear layer.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `weight`: (out, in).
+    pub weight: BaseWeight,
+    /// `bias`: (out).
+    pub bias: Option<Vec<f32>>,
+    /// LoRA/DoRA adapter, if this module is targeted.
+    pub adapter: Option<LoraAdapter>,
+    /// Full fine-tuning: the (dense) weight is trained.
+    pub train_weight: bool,
+    /// The bias is trained (`bias="all"`/`"lora_only"`, or full fine-tuning).
+    pub train_bias: bool,
+}
+
+/// Saved by [`Linear::forward_train`] (the input `x` itself is kept by the caller).
+pub struct LinearSaved {
+    lora: Option<LoraSaved>,
+}
+
+/// Gradients of a Linear's trainable tensors.
+#[derive(Debug, Clone, Default)]
+pub struct LinearGrads {
+    /// (out, in), full fine-tuning only.
+    pub d_weight: Option<Vec<f32>>,
+    /// (out), when the bias trains.
+    pub d_bias: Option<Vec<f32>>,
+    /// Adapter gradients.
+    pub lora: Option<LoraGrads>,
+}
+
+impl Linear {
+    /// A frozen layer without adapter.
+    pub fn new(weight: BaseWeight, bias: Option<Vec<f32>>) -> Self {
+        Self {
+            weight,
+            bias,
+            adapter: None,
+            train_weight: false,
+            train_bias: false,
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.out_features()
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.weight.in_features()
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            for row in y.chunks_mut(b.len()) {
+                for (v, bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        }
+    }
+
+    /// Inference: `y (N, out)`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = self.weight.forward(x, n);
+        if let Some(a) = &self.adapter {
+            let d = a.forward(&self.weight, x, &y, n);
+            for (v, dd) in y.iter_mut().zip(&d) {
+                *v += dd;
+            }
+        }
+        self.add_bias(&mut y);
+        y
+    }
+
+    /// Training forward.
+    pub fn forward_train(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Vec<f32>, LinearSaved) {
+        let mut y = self.weight.forward(x, n);
+        let lora = self.adapter.as_ref().map(|a| {
+            let (d, s) = a.forward_train(&self.weight, x, &y, n, rng);
+            for (v, dd) in y.iter_mut().zip(&d) {
+                *v += dd;
+            }
+            s
+        });
+        self.add_bias(&mut y);
+        (y, LinearSaved { lora })
+    }
+
+    /// Backward: `dx (N, in)` and the gradients. `x` is the input given to `forward_train`.
+    /// `need_dx = false` skips the input gradient (the first layer after the embedding when the
+    /// embedding is frozen does not need it).
+    pub fn backward(
+        &self,
+        saved: LinearSaved,
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+    ) -> (Vec<f32>, LinearGrads) {
+        let (out, inp) = (self.out_features(), self.in_features());
+        let mut grads = LinearGrads::default();
+        if self.train_bias {
+            let mut db = vec![0f32; out];
+            for row in dy.chunks(out) {
+                for (g, v) in db.iter_mut().zip(row) {
+                    *g += v;
+                }
+            }
+            grads.d_bias = Some(db);
+        }
+        if self.train_weight {
+            let mut dw = vec![0f32; out * inp];
+            ops::matmul_tn_into(dy, out, x, inp, n, &mut dw, false);
+            grads.d_weight = Some(dw);
+        }
+        let (mut dx, base_dy) = match (&self.adapter, saved.lora) {
+            (Some(a), Some(s)) => {
+                let (dx, bg, g) = a.backward(s, &self.weight, x, dy, n);
+                grads.lora = Some(g);
+                (dx, bg)
+            }
+            _ => (vec![0f32; n * inp], BaseGrad::Same),
+        };
+        let acc = self.adapter.is_some();
+        match base_dy {
+            BaseGrad::Same => self.weight.backward_input(dy, n, &mut dx, acc),
+            BaseGrad::Scaled(g) => self.weight.backward_input(&g, n, &mut dx, acc),
+        }
+        (dx, grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_finetune_gradients_match_finite_differences() {
+        let (out, inp, n) = (3, 4, 2);
+        let mut rng = Rng::new(3);
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal()).collect();
+        let mut l = Linear::new(BaseWeight::Dense { w, out, inp }, Some(vec![0.1, -0.2, 0.3]));
+        l.train_weight = true;
+        l.train_bias = true;
+        let x: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();
+        let c: Vec<f32> = (0..n * out).map(|i| i as f32 - 2.0).collect();
+        let loss = |l: &Linear, x: &[f32]| -> f64 {
+            l.forward(x, n).iter().zip(&c).map(|(y, c)| (y * c) as f64).sum()
+        };
+        let (y, saved) = l.forward_train(&x, n, &mut Rng::new(0));
+        assert_eq!(y, l.forward(&x, n));
+        let (dx, g) = l.backward(saved, &x, &c, n);
+        let h = 1e-2;
+        let dw = g.d_weight.unwrap();
+        for i in 0..out * inp {
+            let mut p = l.clone();
+            if let BaseWeight::Dense { w, .. } = &mut p.weight {
+                w[i] += h;
+            }
+            let lp = loss(&p, &x);
+            if let BaseWeight::Dense { w, .. } = &mut p.weight {
+                w[i] -= 2.0 * h;
+            }
+            let lm = loss(&p, &x);
+            assert!(((lp - lm) / (2.0 * h as f64) - dw[i] as f64).abs() < 1e-2);
+        }
+        let db = g.d_bias.unwrap();
+        assert_eq!(db, vec![-2.0 + 1.0, -1.0 + 2.0, 0.0 + 3.0]);
+        for i in 0..n * inp {
+            let mut xp = x.clone();
+            xp[i] += h;
+            let lp = loss(&l, &xp);
+            xp[i] -= 2.0 * h;
+            let lm = loss(&l, &xp);
+            assert!(((lp - lm) / (2.0 * h as f64) - dx[i] as f64).abs() < 1e-2);
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! [`Llama`]: the decoder stack (`embed_tokens` → blocks → `norm` → `lm_head`) with inference
+//! (full logits, KV-cached decoding, hidden states), evaluation loss, and the training step
+//! `forward_backward` that mirrors the forward in reverse. Trainable tensors are named by
+//! checkpoint keys (full parameters) or PEFT adapter keys, which is how the optimizer and the
+//! file writers find them.
+
+use super::config::LlamaConfig;
+use super::error::{Error, Result};
+use super::layers::{Block, BlockGrads, BlockSaved, KvCache, Linear, LinearGrads, RmsNorm, Rope};
+use super::loss::{self, HeadLoss};
+use crate::adapter::{peft_io, BaseWeight};
+use crate::ops::Rng;
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    /// The configuration.
+    pub config: LlamaConfig,
+    /// `model.embed_tokens.weight`: (V, D).
+    pub embed_tokens: BaseWeight,
+    /// Whether the embedding trains (full fine-tuning or `modules_to_save`).
+    pub train_embed_tokens: bool,
+    /// `model.layers.{i}`.
+    pub layers: Vec<Block>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head.weight`: (V, D); `None` when tied to the embedding.
+    pub lm_head: Option<BaseWeight>,
+    /// Whether the head trains.
+    pub train_lm_head: bool,
+    /// RoPE tables.
+    pub rope: Rope,
+}
+
+/// Named gradients of the trainable tensors of one step.
+pub type Grads = Vec<(String, Vec<f32>)>;
+
+/// Options of one training step.
+#[derive(Debug, Clone)]
+pub struct StepOptions {
+    /// Recompute each block's activations in backward instead of keeping them.
+    pub gradient_checkpointing: bool,
+    /// Multiplies every gradient (e.g. 1 / tokens of the whole accumulated batch).
+    pub grad_scale: f32,
+}
+
+/// Module path of a decoder linear.
+pub fn linear_path(layer: usize, name: &str) -> String {
+    let group = if name.ends_with("proj") && ["gate_proj", "up_proj", "down_proj"].contains(&name) {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{layer}.{group}.{name}")
+}
+
+/// The names of the seven linears of a block, in order.
+pub const LINEAR_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+fn push_linear(out: &mut Grads, path: &str, g: LinearGrads) {
+    if let Some(w) = g.d_weight {
+        out.push((format!("{path}.weight"), w));
+    }
+    if let Some(b) = g.d_bias {
+        out.push((format!("{path}.bias"), b));
+    }
+    if let Some(l) = g.lora {
+        out.push((peft_io::key_a(path), l.d_lora_a));
+        out.push((peft_io::key_b(path), l.d_lora_b));
+        if let Some(m) = l.d_lora_magnitude_vector {
+            out.push((peft_io::key_m(path), m));
+        }
+    }
+}
+
+impl Block {
+    /// The block's linears by short name.
+    pub fn linear(&self, name: &str) -> &Linear {
+        match name {
+            "q_proj" => &self.self_attn.q_proj,
+            "k_proj" => &self.self_attn.k_proj,
+            "v_proj" => &self.self_attn.v_proj,
+            "o_proj" => &self.self_attn.o_proj,
+            "gate_proj" => &self.mlp.gate_proj,
+            "up_proj" => &self.mlp.up_proj,
+            _ => &self.mlp.down_proj,
+        }
+    }
+
+    /// Mutable access to a linear by short name.
+    pub fn linear_mut(&mut self, name: &str) -> &mut Linear {
+        match name {
+            "q_proj" => &mut self.self_attn.q_proj,
+            "k_proj" => &mut self.self_attn.k_proj,
+            "v_proj" => &mut self.self_attn.v_proj,
+            "o_proj" => &mut self.self_attn.o_proj,
+            "gate_proj" => &mut self.mlp.gate_proj,
+            "up_proj" => &mut self.mlp.up_proj,
+            _ => &mut self.mlp.down_proj,
+        }
+    }
+}
+
+fn collect_block(out: &mut Grads, i: usize, g: BlockGrads) {
+    let p = format!("model.layers.{i}");
+    if let Some(w) = g.input_layernorm {
+        out.push((format!("{p}.input_layernorm.weight"), w));
+    }
+    if let Some(w) = g.post_attention_layernorm {
+        out.push((format!("{p}.post_attention_layernorm.weight"), w));
+    }
+    let a = g.self_attn;
+    if let Some(w) = a.q_norm {
+        out.push((format!("{p}.self_attn.q_norm.weight"), w));
+    }
+    if let Some(w) = a.k_norm {
+        out.push((format!("{p}.self_attn.k_norm.weight"), w));
+    }
+    push_linear(out, &linear_path(i, "q_proj"), a.q_proj);
+    push_linear(out, &linear_path(i, "k_proj"), a.k_proj);
+    push_linear(out, &linear_path(i, "v_proj"), a.v_proj);
+    push_linear(out, &linear_path(i, "o_proj"), a.o_proj);
+    push_linear(out, &linear_path(i, "gate_proj"), g.mlp.gate_proj);
+    push_linear(out, &linear_path(i, "up_proj"), g.mlp.up_proj);
+    push_linear(out, &linear_path(i, "down_proj"), g.mlp.down_proj);
+}
+
+impl Llama {
+    /// The head weight: `lm_head`, or the embedding when tied.
+    pub fn head(&self) -> &BaseWeight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Makes sure RoPE tables cover `len` positions.
+    pub fn ensure_positions(&mut self, len: usize) {
+        self.rope.ensure(len);
+    }
+
+    /// Checks token ids against the vocabulary.
+    ///
+    /// # Errors
+    /// [`Error::Input`] naming the first bad id and its position.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        if let Some(i) = ids.iter().position(|&t| t as usize >= v) {
+            return Err(Error::Input(format!(
+                "token id {} at position {i} is outside the vocabulary (size {v})",
+                ids[i]
+            )));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, ids: &[u32]) -> Vec<f32> {
+        let d = self.config.hidden_size;
+        let w = match &self.embed_tokens {
+            BaseWeight::Dense { w, .. } => w,
+            BaseWeight::Quant(_) => unreachable!("embeddings are never quantized"),
+        };
+        let mut x = Vec::with_capacity(ids.len() * d);
+        for &t in ids {
+            x.extend_from_slice(&w[t as usize * d..(t as usize + 1) * d]);
+        }
+        x
+    }
+
+    fn check_len(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
+        if ids.len() != b * t {
+            return Err(Error::Input(format!("{} ids for batch {b} × seq {t}", ids.len())));
+        }
+        self.check_ids(ids)
+    }
+
+    /// Hidden states: the embeddings, each block's output, and the final norm's output
+    /// (transformers' `output_hidden_states`, last one after the norm).
+    ///
+    /// # Errors
+    /// Bad ids.
+    pub fn hidden_states(&mut self, ids: &[u32], b: usize, t: usize) -> Result<Vec<Vec<f32>>> {
+        self.check_len(ids, b, t)?;
+        self.rope.ensure(t);
+        let mut hs = vec![self.embed(ids)];
+        for layer in &self.layers {
+            let x = layer.forward(hs.last().map(|v| v.as_slice()).unwrap_or(&[]), b, t, &self.rope, None);
+            hs.push(x);
+        }
+        let last = hs.pop().unwrap_or_default();
+        hs.push(self.norm.forward(&last));
+        Ok(hs)
+    }
+
+    /// Logits (B·T, V) for every position.
+    ///
+    /// # Errors
+    /// Bad ids.
+    pub fn logits(&mut self, ids: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
+        let hs = self.hidden_states(ids, b, t)?;
+        let h = hs.last().map(|v| v.as_slice()).unwrap_or(&[]);
+        Ok(self.head().forward(h, b * t))
+    }
+
+    /// Fresh KV caches, one per layer.
+    pub fn new_cache(&self) -> Vec<KvCache> {
+        vec![KvCache::default(); self.layers.len()]
+    }
+
+    /// Decodes `ids` (one sequence) after what `cache` holds; returns the last position's logits.
+    ///
+    /// # Errors
+    /// Bad ids, or a context longer than `max_position_embeddings`.
+    pub fn forward_cached(&mut self, ids: &[u32], cache: &mut [KvCache]) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        let d = self.config.hidden_size;
+        let kvd = self.config.num_key_value_heads * self.config.head_dim;
+        let past = cache.first().map_or(0, |c| c.k.len() / kvd);
+        let t = ids.len();
+        if past + t > self.config.max_position_embeddings.max(1) {
+            return Err(Error::Input(format!(
+                "context of {} tokens exceeds max_position_embeddings {}",
+                past + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        self.rope.ensure(past + t);
+        let mut x = self.embed(ids);
+        for (layer, c) in self.layers.iter().zip(cache.iter_mut()) {
+            x = layer.forward(&x, 1, t, &self.rope, Some(c));
+        }
+        let last = self.norm.forward(&x[(t - 1) * d..]);
+        Ok(self.head().forward(&last, 1))
+    }
+
+    /// Evaluation loss: (sum of token losses, number of tokens) for labels (B·T, -100 ignored).
+    ///
+    /// # Errors
+    /// Bad ids or labels.
+    pub fn loss(&mut self, ids: &[u32], labels: &[i64], b: usize, t: usize) -> Result<(f64, usize)> {
+        self.check_labels(labels, b, t)?;
+        let hs = self.hidden_states(ids, b, t)?;
+        let h = hs.last().map(|v| v.as_slice()).unwrap_or(&[]);
+        let targets = loss::shift_labels(labels, b, t);
+        let r = loss::head_loss(h, self.head(), &targets, 1.0, false, false);
+        Ok((r.loss_sum, r.count))
+    }
+
+    fn check_labels(&self, labels: &[i64], b: usize, t: usize) -> Result<()> {
+        if labels.len() != b * t {
+            return Err(Error::Input(format!("{} labels for batch {b} × seq {t}", labels.len())));
+        }
+        let v = self.config.vocab_size as i64;
+        if let Some(i) = labels.iter().position(|&l| l != loss::IGNORE_INDEX && !(0..v).contains(&l)) {
+            return Err(Error::Input(format!(
+                "label {} at position {i} is neither -100 nor inside the vocabulary (size {v})",
+                labels[i]
+            )));
+        }
+        Ok(())
+    }
+
+    /// One training forward and backward: returns (loss sum, counted tokens, gradients of
+    /// `grad_scale · loss sum`). No gradient is computed for a frozen tensor.
+    ///
+    /// # Errors
+    /// Bad ids or labels.
+    pub fn forward_backward(
+        &mut self,
+        ids: &[u32],
+        labels: &[i64],
+        b: usize,
+        t: usize,
+        opts: &StepOptions,
+        rng: &mut Rng,
+    ) -> Result<(f64, usize, Grads)> {
+        self.check_len(ids, b, t)?;
+        self.check_labels(labels, b, t)?;
+        self.rope.ensure(t);
+        let mut x = self.embed(ids);
+        let mut saved: Vec<BlockSaved> = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let r = rng.fork(i as u64 + 1);
+            let (y, s) = layer.forward_train(x, b, t, &self.rope, r, opts.gradient_checkpointing);
+            saved.push(s);
+            x = y;
+        }
+        rng.next_u64();
+        let (h, norm_saved) = self.norm.forward_train(&x);
+        let targets = loss::shift_labels(labels, b, t);
+        let HeadLoss { loss_sum, count, d_hidden, d_weight } =
+            loss::head_loss(&h, self.head(), &targets, opts.grad_scale, true, self.train_lm_head);
+        drop(h);
+        let mut grads: Grads = Vec::new();
+        let (mut dx, d_norm) = self.norm.backward(norm_saved, &x, &d_hidden);
+        drop(x);
+        if let Some(w) = d_norm {
+            grads.push(("model.norm.weight".into(), w));
+        }
+        for (i, (layer, s)) in self.layers.iter().zip(saved).enumerate().rev() {
+            let (d, g) = layer.backward(s, &dx, &self.rope);
+            dx = d;
+            collect_block(&mut grads, i, g);
+        }
+        let tied = self.lm_head.is_none();
+        let mut d_embed = self.train_embed_tokens.then(|| {
+            let d = self.config.hidden_size;
+            let mut g = vec![0f32; self.config.vocab_size * d];
+            for (k, &id) in ids.iter().enumerate() {
+                let row = &mut g[id as usize * d..(id as usize + 1) * d];
+                for (a, b) in row.iter_mut().zip(&dx[k * d..(k + 1) * d]) {
+                    *a += b;
+                }
+            }
+            g
+        });
+        if let Some(dw) = d_weight {
+            match (&mut d_embed, tied) {
+                (Some(de), true) => de.iter_mut().zip(&dw).for_each(|(a, b)| *a += b),
+                (None, true) => grads.push(("model.embed_tokens.weight".into(), dw)),
+                (_, false) => grads.push(("lm_head.weight".into(), dw)),
+            }
+        }
+        if let Some(de) = d_embed {
+            grads.push(("model.embed_tokens.weight".into(), de));
+        }
+        Ok((loss_sum, count, grads))
+    }
+
+    /// Visits every trainable tensor by name (the names `forward_backward` uses), for the
+    /// optimizer. Adapter caches are invalidated afterwards.
+    pub fn visit_trainable(&mut self, f: &mut dyn FnMut(&str, &mut [f32])) {
+        let tied = self.lm_head.is_none();
+        if self.train_embed_tokens || (tied && self.train_lm_head) {
+            if let BaseWeight::Dense { w, .. } = &mut self.embed_tokens {
+                f("model.embed_tokens.weight", w);
+            }
+        }
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            if layer.input_layernorm.train {
+                f(&format!("{p}.input_layernorm.weight"), &mut layer.input_layernorm.weight);
+            }
+            if layer.post_attention_layernorm.train {
+                f(&format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm.weight);
+            }
+            if let Some(n) = layer.self_attn.q_norm.as_mut().filter(|n| n.train) {
+                f(&format!("{p}.self_attn.q_norm.weight"), &mut n.weight);
+            }
+            if let Some(n) = layer.self_attn.k_norm.as_mut().filter(|n| n.train) {
+                f(&format!("{p}.self_attn.k_norm.weight"), &mut n.weight);
+            }
+            for name in LINEAR_NAMES {
+                let path = linear_path(i, name);
+                let l = layer.linear_mut(name);
+                if l.train_weight {
+                    if let BaseWeight::Dense { w, .. } = &mut l.weight {
+                        f(&format!("{path}.weight"), w);
+                    }
+                }
+                if l.train_bias {
+                    if let Some(b) = &mut l.bias {
+                        f(&format!("{path}.bias"), b);
+                    }
+                }
+                if let Some(a) = &mut l.adapter {
+                    f(&peft_io::key_a(&path), &mut a.lora_a);
+                    f(&peft_io::key_b(&path), &mut a.lora_b);
+                    if let Some(m) = &mut a.lora_magnitude_vector {
+                        f(&peft_io::key_m(&path), m);
+                    }
+                    a.weights_changed();
+                }
+            }
+        }
+        if self.norm.train {
+            f("model.norm.weight", &mut self.norm.weight);
+        }
+        if !tied && self.train_lm_head {
+            if let Some(BaseWeight::Dense { w, .. }) = &mut self.lm_head {
+                f("lm_head.weight", w);
+            }
+        }
+    }
+
+    /// (trainable, all) parameter counts, 4-bit weights at their logical size (as PEFT's
+    /// `print_trainable_parameters`).
+    pub fn parameter_counts(&mut self) -> (usize, usize) {
+        let mut trainable = 0;
+        self.visit_trainable(&mut |_, t| trainable += t.len());
+        let mut all = self.embed_tokens.out_features() * self.embed_tokens.in_features();
+        if let Some(h) = &self.lm_head {
+            all += h.out_features() * h.in_features();
+        }
+        all += self.norm.weight.len();
+        for layer in &self.layers {
+            all += layer.input_layernorm.weight.len() + layer.post_attention_layernorm.weight.len();
+            all += layer.self_attn.q_norm.as_ref().map_or(0, |n| n.weight.len());
+            all += layer.self_attn.k_norm.as_ref().map_or(0, |n| n.weight.len());
+            for name in LINEAR_NAMES {
+                let l = layer.linear(name);
+                all += l.out_features() * l.in_features() + l.bias.as_ref().map_or(0, |b| b.len());
+                all += l.adapter.as_ref().map_or(0, |a| a.num_params());
+            }
+        }
+        (trainable, all)
+    }
+
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn trainable_summary(&mut self) -> String {
+        let (t, a) = self.parameter_counts();
+        format!(
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(t),
+            thousands(a),
+            100.0 * t as f64 / a.max(1) as f64
+        )
+    }
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,152 @@
+//! The LM head with causal-LM cross-entropy, chunked: logits are formed for at most
+//! [`CHUNK_ROWS`] positions at a time and only for positions that carry a label, so the
+//! `(N, V)` logits matrix never exists during training.
+//!
+//! Loss as transformers computes it: position `i` predicts `labels[i + 1]` of the same sequence,
+//! `-100` is ignored, the mean is over counted positions. Gradient of the summed loss w.r.t. the
+//! logits of a row is `softmax − onehot`; `dh = dlogits·W`, `dW = dlogitsᵀ·h`.
+
+use rayon::prelude::*;
+
+use crate::adapter::BaseWeight;
+use crate::ops;
+
+/// Label value that is not predicted (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+/// Positions per logits chunk.
+pub const CHUNK_ROWS: usize = 256;
+
+/// Targets per position after the causal shift: `target[b·T + i] = labels[b·T + i + 1]`, the last
+/// position of each sequence ignored.
+pub fn shift_labels(labels: &[i64], b: usize, t: usize) -> Vec<i64> {
+    let mut out = vec![IGNORE_INDEX; b * t];
+    for bi in 0..b {
+        for i in 0..t.saturating_sub(1) {
+            out[bi * t + i] = labels[bi * t + i + 1];
+        }
+    }
+    out
+}
+
+/// Result of [`head_loss`].
+pub struct HeadLoss {
+    /// Sum of the per-position losses (f64).
+    pub loss_sum: f64,
+    /// Number of positions counted.
+    pub count: usize,
+    /// (N, D) gradient w.r.t. the head input, of `grad_scale · loss_sum`.
+    pub d_hidden: Vec<f32>,
+    /// (V, D) gradient of the head weight, when asked for.
+    pub d_weight: Option<Vec<f32>>,
+}
+
+/// Cross-entropy of `head(h)` against `targets` (already shifted), with gradients scaled by
+/// `grad_scale` when `backward` is set.
+///
+/// # Panics
+/// If a target is outside the vocabulary (validated earlier by the model).
+pub fn head_loss(
+    h: &[f32],
+    head: &BaseWeight,
+    targets: &[i64],
+    grad_scale: f32,
+    backward: bool,
+    weight_grad: bool,
+) -> HeadLoss {
+    let d = head.in_features();
+    let v = head.out_features();
+    let rows: Vec<usize> = (0..targets.len()).filter(|&i| targets[i] != IGNORE_INDEX).collect();
+    let mut d_hidden = if backward { vec![0f32; h.len()] } else { Vec::new() };
+    let mut d_weight = (backward && weight_grad).then(|| vec![0f32; v * d]);
+    let mut loss_sum = 0f64;
+    for chunk in rows.chunks(CHUNK_ROWS) {
+        let c = chunk.len();
+        let mut x = vec![0f32; c * d];
+        for (k, &r) in chunk.iter().enumerate() {
+            x[k * d..(k + 1) * d].copy_from_slice(&h[r * d..(r + 1) * d]);
+        }
+        let mut logits = head.forward(&x, c);
+        let losses: Vec<f64> = logits
+            .par_chunks_mut(v)
+            .zip(chunk.par_iter())
+            .map(|(row, &r)| {
+                let tgt = targets[r] as usize;
+                assert!(tgt < v, "target {tgt} outside vocabulary {v}");
+                let mx = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                let sum: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+                let lse = mx as f64 + sum.ln();
+                let loss = lse - row[tgt] as f64;
+                if backward {
+                    for x in row.iter_mut() {
+                        *x = (((*x as f64) - lse).exp() as f32) * grad_scale;
+                    }
+                    row[tgt] -= grad_scale;
+                }
+                loss
+            })
+            .collect();
+        loss_sum += losses.iter().sum::<f64>();
+        if backward {
+            let mut dx = vec![0f32; c * d];
+            head.backward_input(&logits, c, &mut dx, false);
+            for (k, &r) in chunk.iter().enumerate() {
+                d_hidden[r * d..(r + 1) * d].copy_from_slice(&dx[k * d..(k + 1) * d]);
+            }
+            if let Some(dw) = &mut d_weight {
+                ops::matmul_tn_into(&logits, v, &x, d, c, dw, true);
+            }
+        }
+    }
+    HeadLoss {
+        loss_sum,
+        count: rows.len(),
+        d_hidden,
+        d_weight,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::Rng;
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let (n, d, v) = (4, 3, 5);
+        let mut rng = Rng::new(2);
+        let w: Vec<f32> = (0..v * d).map(|_| rng.normal()).collect();
+        let head = BaseWeight::Dense { w, out: v, inp: d };
+        let h: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        let targets = vec![1, IGNORE_INDEX, 4, 0];
+        let r = head_loss(&h, &head, &targets, 1.0, true, true);
+        assert_eq!(r.count, 3);
+        let eps = 1e-2;
+        for i in 0..h.len() {
+            let mut p = h.clone();
+            p[i] += eps;
+            let lp = head_loss(&p, &head, &targets, 1.0, false, false).loss_sum;
+            p[i] -= 2.0 * eps;
+            let lm = head_loss(&p, &head, &targets, 1.0, false, false).loss_sum;
+            let num = (lp - lm) / (2.0 * eps as f64);
+            assert!((num - r.d_hidden[i] as f64).abs() < 1e-2, "{num} vs {}", r.d_hidden[i]);
+        }
+        let dw = r.d_weight.unwrap();
+        for i in 0..v * d {
+            let mut hw = head.clone();
+            if let BaseWeight::Dense { w, .. } = &mut hw {
+                w[i] += eps;
+            }
+            let lp = head_loss(&h, &hw, &targets, 1.0, false, false).loss_sum;
+            if let BaseWeight::Dense { w, .. } = &mut hw {
+                w[i] -= 2.0 * eps;
+            }
+            let lm = head_loss(&h, &hw, &targets, 1.0, false, false).loss_sum;
+            assert!(((lp - lm) / (2.0 * eps as f64) - dw[i] as f64).abs() < 1e-2);
+        }
+    }
+
+    #[test]
+    fn shift_ignores_last_position() {
+        assert_eq!(shift_labels(&[5, 6, 7, 8], 2, 2), vec![6, IGNORE_INDEX, 8, IGNORE_INDEX]);
+    }
+}
