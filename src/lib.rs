@@ -12,3 +12,6 @@ pub mod ops;
 pub mod quant;
 pub mod adapter;
 pub mod model;
+pub mod train;
+pub mod embedded;
+pub mod cli;

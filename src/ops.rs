@@ -264,3 +264,36 @@ pub fn matmul_nn(a: &[f32], m: usize, b: &[f32], k: usize, n: usize) -> Vec<f32>
     gemm(m, n, k, &mut c, n, false, a, k, 1, b, n, 1, threads());
     c
 }
+
+/// Peak resident memory of this process in MiB (`VmHWM`), 0 where unknown.
+pub fn peak_rss_mib() -> f64 {
+    proc_status_kib("VmHWM:") / 1024.0
+}
+
+/// Current resident memory of this process in MiB (`VmRSS`), 0 where unknown.
+pub fn rss_mib() -> f64 {
+    proc_status_kib("VmRSS:") / 1024.0
+}
+
+fn proc_status_kib(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Memory available to new allocations in MiB (`MemAvailable`), `None` where unknown.
+pub fn available_mib() -> Option<f64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|k| k / 1024.0)
+    })
+}

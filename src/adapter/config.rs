@@ -329,7 +329,11 @@ impl LoraConfig {
                 .entry((*k).to_string())
                 .or_insert_with(|| serde_json::from_str(v).unwrap_or(Value::Null));
         }
-        let v = serde_json::to_value(&c).unwrap_or(Value::Null);
+        let mut v = serde_json::to_value(&c).unwrap_or(Value::Null);
+        // PEFT users write integer alphas; keep them integers in the file.
+        if c.lora_alpha.fract() == 0.0 && c.lora_alpha.abs() < 1e15 {
+            v["lora_alpha"] = Value::from(c.lora_alpha as i64);
+        }
         let sorted = sort_keys(v);
         serde_json::to_string_pretty(&sorted).unwrap_or_default()
     }

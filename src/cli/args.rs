@@ -1,0 +1,366 @@
+//! The command line as clap types: raw flags only. Each `cli/<command>.rs` turns them into
+//! library options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// qdora: fine-tune Hugging Face Llama-family models with QDoRA, QLoRA, DoRA, LoRA or in full,
+/// on a CPU, with PEFT-compatible adapters.
+#[derive(Parser, Debug)]
+#[command(name = "qdora", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fine-tune a model (default: QDoRA on the bundled stories260K with tinyshakespeare).
+    Train(Box<TrainArgs>),
+    /// Generate text, optionally with an adapter.
+    Generate(GenerateArgs),
+    /// Mean loss and perplexity over a dataset.
+    Eval(EvalArgs),
+    /// Logits (and loss) for token ids from a safetensors file: the interop/debugging door.
+    Logits(LogitsArgs),
+    /// Quantize a dense checkpoint into a bitsandbytes 4-bit checkpoint.
+    Quantize(QuantizeArgs),
+    /// Fold an adapter into the base model and write a full checkpoint.
+    Merge(MergeArgs),
+    /// Benchmarks that print figures (quantization kernels, training steps).
+    Bench(BenchArgs),
+    /// Train several modes on the same data and compare them (table, JSON, plot).
+    Compare(Box<CompareArgs>),
+}
+
+/// Model and adapter selection shared by inference commands.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model folder (config.json + safetensors + tokenizer.json); default: bundled stories260K.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// `qdora train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Base model folder; default: bundled stories260K.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data (.jsonl, .json, .txt); default: bundled tinyshakespeare.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "runs/qdora")]
+    pub out: PathBuf,
+    /// TOML file with settings (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// full | lora | dora | qlora | qdora.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub r: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout.
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated module names, or all-linear.
+    #[arg(long)]
+    pub target_modules: Option<String>,
+    /// rsLoRA scaling (alpha/√r).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// constant | linear | cosine.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Warm-up steps.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Passes over the data.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Evaluation data (else a held-out fraction).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace the contents of a non-empty --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Start even if the memory estimate exceeds available memory.
+    #[arg(long)]
+    pub force: bool,
+    /// Activation checkpointing on.
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    /// Activation checkpointing off.
+    #[arg(long)]
+    pub no_gradient_checkpointing: bool,
+    /// Skip unparsable records (counted and reported).
+    #[arg(long)]
+    pub skip_bad_records: bool,
+    /// Train on prompt tokens of alpaca/chat records too.
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// Pad each record instead of packing records into a stream.
+    #[arg(long)]
+    pub no_packing: bool,
+    /// After training, generate from this prompt with the new adapter.
+    #[arg(long)]
+    pub sample_prompt: Option<String>,
+    /// Tokens to generate for --sample-prompt.
+    #[arg(long, default_value_t = 120)]
+    pub sample_tokens: usize,
+}
+
+/// `qdora generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model and adapter.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text.
+    #[arg(long, default_value = "Once upon a time")]
+    pub prompt: String,
+    /// Wrap the prompt as a user message with the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `qdora eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model and adapter.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data file (.txt, .jsonl, .json).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Load the base in NF4 (as QLoRA/QDoRA training sees it).
+    #[arg(long)]
+    pub nf4: bool,
+}
+
+/// `qdora logits`.
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// Model and adapter.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// safetensors with `input_ids` (i64 [batch, seq]) and optional `labels`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output safetensors (`logits`, `loss`).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `qdora quantize`.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Dense Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// nf4 | fp4.
+    #[arg(long, default_value = "nf4")]
+    pub quant_type: String,
+    /// Elements per absmax block.
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+    /// Double quantization (default on).
+    #[arg(long, overrides_with = "no_double_quant")]
+    pub double_quant: bool,
+    /// No double quantization.
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// bnb_4bit_compute_dtype written to the config.
+    #[arg(long, default_value = "float32")]
+    pub compute_dtype: String,
+    /// Comma-separated modules to keep dense (llm_int8_skip_modules).
+    #[arg(long)]
+    pub skip_modules: Option<String>,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `qdora merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Base model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// f32 | bf16 | f16 for the dense output.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Write a bitsandbytes 4-bit checkpoint (re-quantized, as PEFT's 4-bit merge).
+    #[arg(long)]
+    pub requantize: bool,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `qdora bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// quant | train | layers.
+    pub what: String,
+    /// Model folder (train).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Preset (train): llama-tiny-512, llama-small-1024, llama2-7b, stories260K.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Mode (train).
+    #[arg(long, default_value = "qdora")]
+    pub mode: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Activation checkpointing.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// Smaller shapes (quick check).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// `qdora compare`.
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Base model folder; default: bundled stories260K.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Random-initialised preset instead of a model folder.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Training data; default: bundled tinyshakespeare.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Evaluation data (else a held-out fraction).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Comma-separated modes.
+    #[arg(long, default_value = "full,lora,qlora,dora,qdora")]
+    pub modes: String,
+    /// Optimizer steps per mode.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Rank(s): one value, or a comma-separated sweep (e.g. 2,4,8,16,32).
+    #[arg(long, default_value = "8")]
+    pub r: String,
+    /// LoRA alpha (default: 4 × r).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Learning rate of adapter modes.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f32,
+    /// Learning rate of full fine-tuning.
+    #[arg(long, default_value_t = 5e-4)]
+    pub full_lr: f32,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Evaluate every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub eval_every: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Output folder for the table, JSON and plot.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
+}
