@@ -5,18 +5,39 @@
 use std::path::PathBuf;
 
 const MODEL_FILES: [(&str, &[u8]); 6] = [
-    ("config.json", include_bytes!("../models/stories260K/config.json")),
-    ("generation_config.json", include_bytes!("../models/stories260K/generation_config.json")),
-    ("model.safetensors", include_bytes!("../models/stories260K/model.safetensors")),
-    ("tokenizer.json", include_bytes!("../models/stories260K/tokenizer.json")),
-    ("tokenizer_config.json", include_bytes!("../models/stories260K/tokenizer_config.json")),
-    ("README.md", include_bytes!("../models/stories260K/README.md")),
+    (
+        "config.json",
+        include_bytes!("../models/stories260K/config.json"),
+    ),
+    (
+        "generation_config.json",
+        include_bytes!("../models/stories260K/generation_config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../models/stories260K/model.safetensors"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../models/stories260K/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../models/stories260K/tokenizer_config.json"),
+    ),
+    (
+        "README.md",
+        include_bytes!("../models/stories260K/README.md"),
+    ),
 ];
 
 const SHAKESPEARE: &[u8] = include_bytes!("../data/tinyshakespeare/input.txt");
 
 fn materialize(name: &str, files: &[(&str, &[u8])]) -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("qdora-embedded-{}-{name}", env!("CARGO_PKG_VERSION")));
+    let dir = std::env::temp_dir().join(format!(
+        "qdora-embedded-{}-{name}",
+        env!("CARGO_PKG_VERSION")
+    ));
     let complete = dir.join(".complete");
     if complete.exists() {
         return Ok(dir);

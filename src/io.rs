@@ -440,7 +440,11 @@ impl StreamingWriter {
     pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let (want, n) = &self.order[self.next];
         assert_eq!(want, name, "tensors written out of plan order");
-        assert_eq!(*n, data.len(), "tensor {name}: byte count differs from plan");
+        assert_eq!(
+            *n,
+            data.len(),
+            "tensor {name}: byte count differs from plan"
+        );
         self.next += 1;
         self.file.write_all(data).map_err(io_err(&self.tmp))
     }
@@ -450,7 +454,11 @@ impl StreamingWriter {
     /// # Errors
     /// [`Error::Io`].
     pub fn finish(self) -> Result<()> {
-        assert_eq!(self.next, self.order.len(), "not every planned tensor was written");
+        assert_eq!(
+            self.next,
+            self.order.len(),
+            "not every planned tensor was written"
+        );
         let f = self
             .file
             .into_inner()
@@ -500,7 +508,10 @@ pub fn write_text(dest: &Path, text: &str) -> Result<()> {
 }
 
 fn tmp_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     dest.with_file_name(name)
 }

@@ -6,12 +6,15 @@
 //! Dimension legend used in shape comments: `B` batch, `T` tokens, `D` hidden, `H`/`Hkv` heads,
 //! `Dh` head dim, `F` MLP width, `V` vocab, `R` LoRA rank, `N = B*T` rows of a flattened batch.
 #![warn(missing_docs)]
+// Numeric kernels index several arrays with one loop variable, mirroring the formulas.
+#![allow(clippy::needless_range_loop)]
 
+pub mod adapter;
+pub mod bench;
+pub mod cli;
+pub mod embedded;
 pub mod io;
+pub mod model;
 pub mod ops;
 pub mod quant;
-pub mod adapter;
-pub mod model;
 pub mod train;
-pub mod embedded;
-pub mod cli;

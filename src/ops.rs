@@ -132,7 +132,21 @@ pub fn threads() -> usize {
 /// `y (n×out) = x (n×in) · wᵀ` for a row-major `w (out×in)`.
 pub fn matmul_nt(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * out];
-    gemm(n, out, inp, &mut y, out, false, x, inp, 1, w, 1, inp, threads());
+    gemm(
+        n,
+        out,
+        inp,
+        &mut y,
+        out,
+        false,
+        x,
+        inp,
+        1,
+        w,
+        1,
+        inp,
+        threads(),
+    );
     y
 }
 
@@ -150,7 +164,15 @@ pub fn matmul_nn_into(
 }
 
 /// `g (p×q) [+]= aᵀ · b` for `a (n×p)`, `b (n×q)`: weight gradients.
-pub fn matmul_tn_into(a: &[f32], p: usize, b: &[f32], q: usize, n: usize, g: &mut [f32], acc: bool) {
+pub fn matmul_tn_into(
+    a: &[f32],
+    p: usize,
+    b: &[f32],
+    q: usize,
+    n: usize,
+    g: &mut [f32],
+    acc: bool,
+) {
     gemm(p, q, n, g, q, acc, a, 1, p, b, q, 1, threads());
 }
 
@@ -163,7 +185,21 @@ pub fn matmul_ceiling_gflops(size: usize, reps: usize) -> f64 {
     let mut best = f64::MAX;
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        gemm(size, size, size, &mut c, size, false, &a, size, 1, &b, size, 1, threads());
+        gemm(
+            size,
+            size,
+            size,
+            &mut c,
+            size,
+            false,
+            &a,
+            size,
+            1,
+            &b,
+            size,
+            1,
+            threads(),
+        );
         best = best.min(t.elapsed().as_secs_f64());
     }
     2.0 * (size as f64).powi(3) / best / 1e9

@@ -21,7 +21,10 @@ fn ids(r: &Checkpoint, key: &str) -> (Vec<u32>, usize, usize) {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check_model(dir: &Path) {
@@ -34,15 +37,27 @@ fn check_model(dir: &Path) {
     assert!(d < 1e-4, "{}: logits max diff {d}", dir.display());
     let hs = m.hidden_states(&input, b, t).unwrap();
     for (i, h) in hs.iter().enumerate() {
-        let want = r.get(&format!("hidden_states.{i}")).unwrap().to_f32().unwrap();
+        let want = r
+            .get(&format!("hidden_states.{i}"))
+            .unwrap()
+            .to_f32()
+            .unwrap();
         let d = max_diff(h, &want);
-        assert!(d < 1e-4, "{}: hidden_states.{i} max diff {d}", dir.display());
+        assert!(
+            d < 1e-4,
+            "{}: hidden_states.{i} max diff {d}",
+            dir.display()
+        );
     }
     let labels: Vec<i64> = input.iter().map(|&x| x as i64).collect();
     let (sum, count) = m.loss(&input, &labels, b, t).unwrap();
     let loss = (sum / count as f64) as f32;
     let want = r.get("loss").unwrap().to_f32().unwrap()[0];
-    assert!((loss - want).abs() < 1e-5, "{}: loss {loss} vs {want}", dir.display());
+    assert!(
+        (loss - want).abs() < 1e-5,
+        "{}: loss {loss} vs {want}",
+        dir.display()
+    );
     let (prompt, _, _) = ids(&r, "gen_prompt_ids");
     let (full, _, _) = ids(&r, "gen_output_ids");
     let opts = GenerateOptions {
@@ -50,7 +65,12 @@ fn check_model(dir: &Path) {
         ..Default::default()
     };
     let out = generate(&mut m, &prompt, &opts, &mut |_| {}).unwrap();
-    assert_eq!(out, full[prompt.len()..], "{}: greedy generation", dir.display());
+    assert_eq!(
+        out,
+        full[prompt.len()..],
+        "{}: greedy generation",
+        dir.display()
+    );
 }
 
 #[test]
@@ -69,9 +89,16 @@ fn stories260k_logits_and_golden_generations() {
     let mut m = load(&dir, &LoadOptions::default()).unwrap();
     let r = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
     let (input, b, t) = ids(&r, "input_ids");
-    let d = max_diff(&m.logits(&input, b, t).unwrap(), &r.get("logits").unwrap().to_f32().unwrap());
+    let d = max_diff(
+        &m.logits(&input, b, t).unwrap(),
+        &r.get("logits").unwrap().to_f32().unwrap(),
+    );
     assert!(d < 1e-4, "stories260K logits max diff {d}");
-    for key in ["golden_bos_ids", "golden_once_upon_a_time_ids", "golden_tom_dog_ids"] {
+    for key in [
+        "golden_bos_ids",
+        "golden_once_upon_a_time_ids",
+        "golden_tom_dog_ids",
+    ] {
         let (golden, _, _) = ids(&r, key);
         // Find the prompt: the golden continuation of the BOS run starts right after BOS; the
         // others start after their prompt's ids, which verification.json lists.
@@ -100,12 +127,18 @@ fn stories260k_tokenizer_matches_llama2c() {
     let dir = root().join("models/stories260K");
     let tok = Tokenizer::load(&dir).unwrap();
     let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("verification.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("verification.json")).unwrap())
+            .unwrap();
     let cases = v["tokenization"].as_array().unwrap();
     assert!(cases.len() >= 8);
     for c in cases {
         let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["llama2c_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["llama2c_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
     }
 }

@@ -19,7 +19,8 @@ fn root() -> PathBuf {
 
 fn base_of(case: &str) -> PathBuf {
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("MANIFEST.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root().join("MANIFEST.json")).unwrap())
+            .unwrap();
     let c = m["cases"]
         .as_array()
         .unwrap()
@@ -31,7 +32,10 @@ fn base_of(case: &str) -> PathBuf {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn batch(r: &Checkpoint) -> (Vec<u32>, Vec<i64>, usize, usize) {
@@ -52,27 +56,51 @@ fn loaded(case: &str) -> (Llama, LoraConfig, Checkpoint) {
 fn check_case(case: &str) {
     let (mut m, _cfg, r) = loaded(case);
     let (ids, labels, b, t) = batch(&r);
-    let d = max_diff(&m.logits(&ids, b, t).unwrap(), &r.get("logits").unwrap().to_f32().unwrap());
+    let d = max_diff(
+        &m.logits(&ids, b, t).unwrap(),
+        &r.get("logits").unwrap().to_f32().unwrap(),
+    );
     assert!(d < 1e-4, "{case}: logits max diff {d}");
     // Loss and gradients of the mean loss, in training mode (no dropout in these fixtures).
-    let count = (0..b).map(|bi| (1..t).filter(|&i| labels[bi * t + i] != -100).count()).sum::<usize>();
+    let count = (0..b)
+        .map(|bi| (1..t).filter(|&i| labels[bi * t + i] != -100).count())
+        .sum::<usize>();
     let opts = StepOptions {
         gradient_checkpointing: false,
         grad_scale: 1.0 / count as f32,
     };
-    let (sum, n, grads) = m.forward_backward(&ids, &labels, b, t, &opts, &mut Rng::new(0)).unwrap();
+    let (sum, n, grads) = m
+        .forward_backward(&ids, &labels, b, t, &opts, &mut Rng::new(0))
+        .unwrap();
     assert_eq!(n, count);
     let loss = (sum / n as f64) as f32;
     let want = r.get("loss").unwrap().to_f32().unwrap()[0];
     assert!((loss - want).abs() < 1e-5, "{case}: loss {loss} vs {want}");
-    let ref_grads: Vec<&str> = r.keys().filter(|k| k.starts_with("base_model.model.")).collect();
-    assert_eq!(grads.len(), ref_grads.len(), "{case}: number of gradient tensors");
+    let ref_grads: Vec<&str> = r
+        .keys()
+        .filter(|k| k.starts_with("base_model.model."))
+        .collect();
+    assert_eq!(
+        grads.len(),
+        ref_grads.len(),
+        "{case}: number of gradient tensors"
+    );
     for (name, g) in &grads {
-        let want = r.get(name).unwrap_or_else(|_| panic!("{case}: no reference gradient {name}")).to_f32().unwrap();
+        let want = r
+            .get(name)
+            .unwrap_or_else(|_| panic!("{case}: no reference gradient {name}"))
+            .to_f32()
+            .unwrap();
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = max_diff(g, &want);
-        assert!(d <= 1e-4 * scale + 1e-7, "{case}: gradient {name} max diff {d} (tensor max {scale})");
-        assert!(g.iter().any(|v| *v != 0.0), "{case}: {name} received a zero gradient");
+        assert!(
+            d <= 1e-4 * scale + 1e-7,
+            "{case}: gradient {name} max diff {d} (tensor max {scale})"
+        );
+        assert!(
+            g.iter().any(|v| *v != 0.0),
+            "{case}: {name} received a zero gradient"
+        );
     }
     // DoRA weight norms.
     for k in r.keys().filter(|k| k.starts_with("weight_norm.")) {
@@ -97,15 +125,25 @@ fn check_merge(case: &str) {
     let (ids, _, b, t) = batch(&r);
     let quantized = m.layers[0].linear("q_proj").weight.is_quantized();
     // Merged weights of the stored modules.
-    let prefix = if quantized { "merged_dense." } else { "merged." };
-    for k in r.keys().filter(|k| k.starts_with(prefix) && k.ends_with(".weight")) {
+    let prefix = if quantized {
+        "merged_dense."
+    } else {
+        "merged."
+    };
+    for k in r
+        .keys()
+        .filter(|k| k.starts_with(prefix) && k.ends_with(".weight"))
+    {
         let module = k.trim_start_matches(prefix).trim_end_matches(".weight");
         let (li, name) = split(module);
         let l = m.layers[li].linear(name);
         let got = merged_weight(&l.weight, l.adapter.as_ref().unwrap());
         let want = r.get(k).unwrap().to_f32().unwrap();
         for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{case}: {k} {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                "{case}: {k} {g} vs {w}"
+            );
         }
         if quantized {
             // PEFT re-quantizes the merged weight with the base's settings: compare bytes.
@@ -120,31 +158,59 @@ fn check_merge(case: &str) {
             };
             let rq = QuantizedWeight::quantize(&got, &q.shape, q.dtype, opts).unwrap();
             let key = format!("merged.{module}.weight");
-            assert_eq!(rq.packed, r.get(&key).unwrap().data, "{case}: re-quantized packed bytes");
+            assert_eq!(
+                rq.packed,
+                r.get(&key).unwrap().data,
+                "{case}: re-quantized packed bytes"
+            );
             assert_eq!(
                 rq.quant_state_json().as_bytes(),
-                r.get(&format!("{key}.quant_state.bitsandbytes__nf4")).unwrap().data,
+                r.get(&format!("{key}.quant_state.bitsandbytes__nf4"))
+                    .unwrap()
+                    .data,
                 "{case}: re-quantized quant state"
             );
         }
     }
-    let key = if quantized { "logits_merged_dense" } else { "logits_merged" };
+    let key = if quantized {
+        "logits_merged_dense"
+    } else {
+        "logits_merged"
+    };
     merge(&mut m);
-    let d = max_diff(&m.logits(&ids, b, t).unwrap(), &r.get(key).unwrap().to_f32().unwrap());
+    let d = max_diff(
+        &m.logits(&ids, b, t).unwrap(),
+        &r.get(key).unwrap().to_f32().unwrap(),
+    );
     assert!(d < 1e-4, "{case}: {key} max diff {d}");
     // Fresh DoRA magnitudes = ‖W‖ per row.
-    let init = root().join("peft").join(case).join("init_magnitude.safetensors");
+    let init = root()
+        .join("peft")
+        .join(case)
+        .join("init_magnitude.safetensors");
     if init.exists() {
         let init = Checkpoint::open(&init).unwrap();
         let mut fresh = load(&base_of(case), &LoadOptions::default()).unwrap();
         attach(&mut fresh, &cfg, &mut Rng::new(0)).unwrap();
         for k in init.keys() {
-            let module = k.trim_start_matches("base_model.model.").trim_end_matches(".lora_magnitude_vector");
+            let module = k
+                .trim_start_matches("base_model.model.")
+                .trim_end_matches(".lora_magnitude_vector");
             let (li, name) = split(module);
-            let got = fresh.layers[li].linear(name).adapter.as_ref().unwrap().lora_magnitude_vector.clone().unwrap();
+            let got = fresh.layers[li]
+                .linear(name)
+                .adapter
+                .as_ref()
+                .unwrap()
+                .lora_magnitude_vector
+                .clone()
+                .unwrap();
             let want = init.get(k).unwrap().to_f32().unwrap();
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * w.abs(), "{case}: init magnitude {k}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs(),
+                    "{case}: init magnitude {k}"
+                );
             }
         }
     }

@@ -67,7 +67,11 @@ fn every_nf4_fixture_case_matches_byte_for_byte() {
             );
             match &w.absmax {
                 Absmax::Plain(a) => {
-                    assert_eq!(a, &r.get("absmax").unwrap().to_f32().unwrap(), "{case}: absmax")
+                    assert_eq!(
+                        a,
+                        &r.get("absmax").unwrap().to_f32().unwrap(),
+                        "{case}: absmax"
+                    )
                 }
                 Absmax::Nested {
                     qabsmax,
@@ -126,12 +130,24 @@ fn worked_example_spec_section_11() {
     };
     let q = QuantizedWeight::quantize(&w, &[4, 64], Dtype::F32, opts(false)).unwrap();
     let hex: String = q.packed[..32].iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(hex, "06e2b07f3c19f4d1a06e2b07f3c19f4d1a06e2b07f3c19f4d1a06e2b07f3c19f");
+    assert_eq!(
+        hex,
+        "06e2b07f3c19f4d1a06e2b07f3c19f4d1a06e2b07f3c19f4d1a06e2b07f3c19f"
+    );
     assert_eq!(q.absmax_f32(), &[0.5, 0.25, 0.16666667, 0.125]);
     let d = q.dequantize();
     assert_eq!(
         &d[..8],
-        &[-0.5, -0.045525018, 0.36147842, -0.26253653, 0.16895762, -0.5, 0.0, 0.5]
+        &[
+            -0.5,
+            -0.045525018,
+            0.36147842,
+            -0.26253653,
+            0.16895762,
+            -0.5,
+            0.0,
+            0.5
+        ]
     );
     let dq = QuantizedWeight::quantize(&w, &[4, 64], Dtype::F32, opts(true)).unwrap();
     assert_eq!(dq.packed, q.packed);
@@ -164,11 +180,26 @@ fn worked_example_spec_section_11() {
         },
     )
     .unwrap();
-    let hex: String = fp4.packed[..32].iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(hex, "be2d4b03c5a63f2a7be2d4b03c5a63f2a7be2d4b03c5a63f2a7be2d4b03c5a63");
+    let hex: String = fp4.packed[..32]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        hex,
+        "be2d4b03c5a63f2a7be2d4b03c5a63f2a7be2d4b03c5a63f2a7be2d4b03c5a63"
+    );
     assert_eq!(
         &fp4.dequantize()[..8],
-        &[-0.5, -0.083333336, 0.33333334, -0.25, 0.16666667, -0.5, 0.0, 0.5]
+        &[
+            -0.5,
+            -0.083333336,
+            0.33333334,
+            -0.25,
+            0.16666667,
+            -0.5,
+            0.0,
+            0.5
+        ]
     );
 }
 

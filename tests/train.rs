@@ -20,7 +20,9 @@ fn write_data(dir: &Path, records: usize, len: usize) -> PathBuf {
     let p = dir.join("data.jsonl");
     let mut s = String::new();
     for r in 0..records {
-        let ids: Vec<String> = (0..len).map(|i| ((r * 7 + i * 3) % 256).to_string()).collect();
+        let ids: Vec<String> = (0..len)
+            .map(|i| ((r * 7 + i * 3) % 256).to_string())
+            .collect();
         s.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(", ")));
     }
     std::fs::write(&p, s).unwrap();
@@ -44,8 +46,13 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
         };
         let (mut m, _) = build_model(&tiny(), &cfg).unwrap();
         let (ids, labels) = batch(2, 16);
-        let opts = StepOptions { gradient_checkpointing: false, grad_scale: 1.0 / 30.0 };
-        let (_, _, grads) = m.forward_backward(&ids, &labels, 2, 16, &opts, &mut Rng::new(1)).unwrap();
+        let opts = StepOptions {
+            gradient_checkpointing: false,
+            grad_scale: 1.0 / 30.0,
+        };
+        let (_, _, grads) = m
+            .forward_backward(&ids, &labels, 2, 16, &opts, &mut Rng::new(1))
+            .unwrap();
         let mut names = Vec::new();
         m.visit_trainable(&mut |n, _| names.push(n.to_string()));
         let got: Vec<String> = grads.iter().map(|g| g.0.clone()).collect();
@@ -55,7 +62,10 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
         b.sort();
         assert_eq!(a, b, "{mode:?}: gradient names");
         for (n, g) in &grads {
-            assert!(g.iter().any(|v| *v != 0.0), "{mode:?}: {n} has an all-zero gradient");
+            assert!(
+                g.iter().any(|v| *v != 0.0),
+                "{mode:?}: {n} has an all-zero gradient"
+            );
             assert!(g.iter().all(|v| v.is_finite()), "{mode:?}: {n} not finite");
         }
         if mode == Mode::Full {
@@ -71,12 +81,21 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
 #[test]
 fn gradient_checkpointing_changes_nothing() {
     for mode in [Mode::Qdora, Mode::Full] {
-        let cfg = TrainConfig { mode, lora_dropout: 0.2, init_lora_weights: "false".into(), ..Default::default() };
+        let cfg = TrainConfig {
+            mode,
+            lora_dropout: 0.2,
+            init_lora_weights: "false".into(),
+            ..Default::default()
+        };
         let (mut m, _) = build_model(&tiny(), &cfg).unwrap();
         let (ids, labels) = batch(2, 12);
         let run = |m: &mut qdora::model::Llama, ck: bool| {
-            let opts = StepOptions { gradient_checkpointing: ck, grad_scale: 0.1 };
-            m.forward_backward(&ids, &labels, 2, 12, &opts, &mut Rng::new(5)).unwrap()
+            let opts = StepOptions {
+                gradient_checkpointing: ck,
+                grad_scale: 0.1,
+            };
+            m.forward_backward(&ids, &labels, 2, 12, &opts, &mut Rng::new(5))
+                .unwrap()
         };
         let (l1, _, g1) = run(&mut m, false);
         let (l2, _, g2) = run(&mut m, true);
@@ -89,19 +108,31 @@ fn gradient_checkpointing_changes_nothing() {
 
 #[test]
 fn full_finetune_gradients_match_finite_differences() {
-    let cfg = TrainConfig { mode: Mode::Full, ..Default::default() };
+    let cfg = TrainConfig {
+        mode: Mode::Full,
+        ..Default::default()
+    };
     let (mut m, _) = build_model(&tiny(), &cfg).unwrap();
     let (b, t) = (2, 8);
     let (ids, labels) = batch(b, t);
-    let opts = StepOptions { gradient_checkpointing: false, grad_scale: 1.0 };
-    let (_, _, grads) = m.forward_backward(&ids, &labels, b, t, &opts, &mut Rng::new(0)).unwrap();
+    let opts = StepOptions {
+        gradient_checkpointing: false,
+        grad_scale: 1.0,
+    };
+    let (_, _, grads) = m
+        .forward_backward(&ids, &labels, b, t, &opts, &mut Rng::new(0))
+        .unwrap();
     let loss_of = |m: &mut qdora::model::Llama| -> f64 { m.loss(&ids, &labels, b, t).unwrap().0 };
     let mut checked = 0;
     for (name, g) in &grads {
         // Probe the element with the largest gradient of each tensor.
-        let (i, &gi) = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+        let (i, &gi) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
         let h = 1e-2f32;
-        let mut bump = |m: &mut qdora::model::Llama, d: f32| {
+        let bump = |m: &mut qdora::model::Llama, d: f32| {
             m.visit_trainable(&mut |n, p| {
                 if n == name {
                     p[i] += d;
@@ -114,7 +145,10 @@ fn full_finetune_gradients_match_finite_differences() {
         let lm = loss_of(&mut m);
         bump(&mut m, h);
         let num = (lp - lm) / (2.0 * h as f64);
-        assert!((num - gi as f64).abs() <= 2e-2 * (num.abs() + 1e-2), "{name}[{i}]: numeric {num} analytic {gi}");
+        assert!(
+            (num - gi as f64).abs() <= 2e-2 * (num.abs() + 1e-2),
+            "{name}[{i}]: numeric {num} analytic {gi}"
+        );
         checked += 1;
     }
     assert!(checked >= 2 * 9 + 3, "checked {checked} tensors");
@@ -130,16 +164,28 @@ fn train_cmd(model: &Path, data: &Path, out: &Path, steps: usize) -> Command {
 
 fn train_cmd_lr(model: &Path, data: &Path, out: &Path, steps: usize, lr: &str) -> Command {
     let mut c = qdora_bin();
-    c.args(["train", "--mode", "qdora", "--batch-size", "2", "--seq-len", "32", "--seed", "3", "--lora-dropout", "0.1"])
-        .arg(format!("--lr={lr}"))
-        .arg("--max-steps")
-        .arg(steps.to_string())
-        .arg("--model")
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out);
+    c.args([
+        "train",
+        "--mode",
+        "qdora",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--seed",
+        "3",
+        "--lora-dropout",
+        "0.1",
+    ])
+    .arg(format!("--lr={lr}"))
+    .arg("--max-steps")
+    .arg(steps.to_string())
+    .arg("--model")
+    .arg(model)
+    .arg("--data")
+    .arg(data)
+    .arg("--out")
+    .arg(out);
     c
 }
 
@@ -164,10 +210,17 @@ fn resume_after_sigkill_reproduces_the_loss_curve() {
     assert!(st.success());
     let want = losses(&full);
     assert_eq!(want.len(), steps);
-    assert!(want.last().unwrap().1 < want[0].1, "loss fell: {:?}", (want[0], want.last()));
+    assert!(
+        want.last().unwrap().1 < want[0].1,
+        "loss fell: {:?}",
+        (want[0], want.last())
+    );
 
     let out = dir.path().join("killed");
-    let mut child = train_cmd(&tiny(), &data, &out, steps).args(["--save-every", "5"]).spawn().unwrap();
+    let mut child = train_cmd(&tiny(), &data, &out, steps)
+        .args(["--save-every", "5"])
+        .spawn()
+        .unwrap();
     // Wait for a checkpoint, then kill hard (possibly in the middle of writing the next one).
     let t0 = std::time::Instant::now();
     while !out.join("checkpoint-10").join("state.json").exists() {
@@ -176,16 +229,29 @@ fn resume_after_sigkill_reproduces_the_loss_curve() {
     }
     child.kill().unwrap();
     let _ = child.wait();
-    assert!(!out.join("adapter_model.safetensors").exists(), "the run was killed before it finished");
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "the run was killed before it finished"
+    );
     let last = qdora::train::checkpoint::latest(&out).unwrap();
     assert!(last.join("trainable.safetensors").exists());
-    let st = train_cmd(&tiny(), &data, &out, steps).args(["--save-every", "5", "--resume"]).status().unwrap();
+    let st = train_cmd(&tiny(), &data, &out, steps)
+        .args(["--save-every", "5", "--resume"])
+        .status()
+        .unwrap();
     assert!(st.success());
     let got = losses(&out);
-    assert_eq!(got.len(), want.len(), "resumed metrics cover every step once");
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "resumed metrics cover every step once"
+    );
     for ((s1, a), (s2, b)) in got.iter().zip(&want) {
         assert_eq!(s1, s2);
-        assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "step {s1}: resumed {a} vs uninterrupted {b}");
+        assert!(
+            (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+            "step {s1}: resumed {a} vs uninterrupted {b}"
+        );
     }
 }
 
@@ -194,10 +260,16 @@ fn non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_data(dir.path(), 20, 64);
     let out = dir.path().join("nan");
-    let o = train_cmd_lr(&tiny(), &data, &out, 30, "1e30").args(["--max-grad-norm", "0", "--save-every", "1"]).output().unwrap();
+    let o = train_cmd_lr(&tiny(), &data, &out, 30, "1e30")
+        .args(["--max-grad-norm", "0", "--save-every", "1"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("step ") && (err.contains("NaN") || err.contains("inf")), "{err}");
+    assert!(
+        err.contains("step ") && (err.contains("NaN") || err.contains("inf")),
+        "{err}"
+    );
     assert!(err.contains("last good checkpoint"), "{err}");
     assert!(qdora::train::checkpoint::latest(&out).is_some());
 }
@@ -215,22 +287,42 @@ fn bad_records_name_file_and_line_or_are_skipped() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("data.jsonl:21:"), "{err}");
-    let o = train_cmd(&tiny(), &data, &out, 2).arg("--skip-bad-records").arg("--overwrite").output().unwrap();
+    let o = train_cmd(&tiny(), &data, &out, 2)
+        .arg("--skip-bad-records")
+        .arg("--overwrite")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("skipped") && err.contains(":21:") && err.contains(":22:"), "{err}");
+    assert!(
+        err.contains("skipped") && err.contains(":21:") && err.contains(":22:"),
+        "{err}"
+    );
 }
 
 #[test]
 fn invalid_settings_are_all_reported() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_data(dir.path(), 4, 64);
-    let o = train_cmd_lr(&tiny(), &data, &dir.path().join("x"), 2, "-1").args(["--batch-size", "0", "--seq-len", "1"]).output().unwrap();
+    let o = train_cmd_lr(&tiny(), &data, &dir.path().join("x"), 2, "-1")
+        .args(["--batch-size", "0", "--seq-len", "1"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2));
-    assert!(err.contains("lr:") && err.contains("batch_size:") && err.contains("seq_len:"), "{err}");
-    let o = train_cmd(&tiny(), &data, &dir.path().join("y"), 2).args(["--batch-size", "64"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("sequences per step"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        err.contains("lr:") && err.contains("batch_size:") && err.contains("seq_len:"),
+        "{err}"
+    );
+    let o = train_cmd(&tiny(), &data, &dir.path().join("y"), 2)
+        .args(["--batch-size", "64"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("sequences per step"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = train_cmd(&tiny(), &data, &tiny(), 2).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("input model folder"));
 }

@@ -8,6 +8,7 @@ use crate::quant::QuantizedWeight;
 
 /// A Linear layer's weight `W (out × in)`, frozen for adapter training.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer; boxing would add an indirection per matmul
 pub enum BaseWeight {
     /// Dense f32, row-major `(out, in)`.
     Dense {
@@ -49,7 +50,13 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense { w, .. } => w.len() * 4,
             BaseWeight::Quant(q) => {
-                q.packed.len() + q.absmax.len() * if matches!(q.absmax, crate::quant::Absmax::Plain(_)) { 4 } else { 1 }
+                q.packed.len()
+                    + q.absmax.len()
+                        * if matches!(q.absmax, crate::quant::Absmax::Plain(_)) {
+                            4
+                        } else {
+                            1
+                        }
             }
         }
     }

@@ -267,7 +267,8 @@ impl LoraConfig {
         if self.fan_in_fan_out {
             return err(
                 "fan_in_fan_out",
-                "true is for GPT-2 Conv1D weights; Llama-family Linear weights are (out, in)".into(),
+                "true is for GPT-2 Conv1D weights; Llama-family Linear weights are (out, in)"
+                    .into(),
             );
         }
         if self.lora_bias {
@@ -348,7 +349,10 @@ impl LoraConfig {
             }
         }
         if let Some(saved) = &self.modules_to_save {
-            if saved.iter().any(|s| path == s || path.ends_with(&format!(".{s}"))) {
+            if saved
+                .iter()
+                .any(|s| path == s || path.ends_with(&format!(".{s}")))
+            {
                 return false;
             }
         }
@@ -392,7 +396,9 @@ impl LoraConfig {
                 }
             })
         };
-        let r = pick(&self.rank_pattern).map(|v| v as usize).unwrap_or(self.r);
+        let r = pick(&self.rank_pattern)
+            .map(|v| v as usize)
+            .unwrap_or(self.r);
         let lora_alpha = pick(&self.alpha_pattern).unwrap_or(self.lora_alpha);
         let scaling = if self.use_rslora {
             lora_alpha / (r as f64).sqrt()
@@ -422,7 +428,10 @@ fn matches_modules(t: &TargetModules, path: &str) -> bool {
 fn layer_index(path: &str, pattern: Option<&Value>) -> Option<i64> {
     let patterns: Vec<String> = match pattern {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
         _ => vec![],
     };
     let key = path;
@@ -495,7 +504,8 @@ mod tests {
             ..Default::default()
         };
         c.rank_pattern.insert("q_proj".into(), serde_json::json!(4));
-        c.alpha_pattern.insert("layers.1.mlp.up_proj".into(), serde_json::json!(32));
+        c.alpha_pattern
+            .insert("layers.1.mlp.up_proj".into(), serde_json::json!(32));
         let q = c.resolve("model.layers.0.self_attn.q_proj");
         assert_eq!((q.r, q.scaling), (4, 8.0));
         let u = c.resolve("model.layers.1.mlp.up_proj");

@@ -30,7 +30,11 @@ pub fn weight_norm(
     (0..out)
         .map(|o| {
             let bo = &b[o * r..(o + 1) * r];
-            let cross: f32 = bo.iter().zip(&wat[o * r..(o + 1) * r]).map(|(x, y)| x * y).sum();
+            let cross: f32 = bo
+                .iter()
+                .zip(&wat[o * r..(o + 1) * r])
+                .map(|(x, y)| x * y)
+                .sum();
             let mut ba2 = 0f32;
             for i in 0..r {
                 let row: f32 = (0..r).map(|j| aat[i * r + j] * bo[j]).sum();
@@ -52,7 +56,15 @@ pub fn magnitude_scale(magnitude: &[f32], norm: &[f32]) -> Vec<f32> {
 }
 
 /// The dense reference: `‖W + s·B·A‖` per row by forming the matrix (tests and merge).
-pub fn weight_norm_dense(w: &[f32], a: &[f32], b: &[f32], out: usize, inp: usize, r: usize, scaling: f32) -> Vec<f32> {
+pub fn weight_norm_dense(
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+    scaling: f32,
+) -> Vec<f32> {
     let ba = ops::matmul_nn(b, out, a, r, inp);
     (0..out)
         .map(|o| {
@@ -80,7 +92,11 @@ mod tests {
         let a: Vec<f32> = (0..r * inp).map(|_| rng.normal() * 0.3).collect();
         let mut b: Vec<f32> = (0..out * r).map(|_| rng.normal() * 0.3).collect();
         b[2 * r..3 * r].fill(0.0);
-        let base = BaseWeight::Dense { w: w.clone(), out, inp };
+        let base = BaseWeight::Dense {
+            w: w.clone(),
+            out,
+            inp,
+        };
         let got = weight_norm(&base, &base.row_norms_sq(), &a, &b, r, 2.0);
         let want = weight_norm_dense(&w, &a, &b, out, inp, r, 2.0);
         for (g, w) in got.iter().zip(&want) {

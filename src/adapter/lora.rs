@@ -171,7 +171,9 @@ impl LoraAdapter {
 
     /// Number of trainable values.
     pub fn num_params(&self) -> usize {
-        self.lora_a.len() + self.lora_b.len() + self.lora_magnitude_vector.as_ref().map_or(0, |m| m.len())
+        self.lora_a.len()
+            + self.lora_b.len()
+            + self.lora_magnitude_vector.as_ref().map_or(0, |m| m.len())
     }
 
     /// Forgets cached values derived from the weights; call after changing them.
@@ -325,7 +327,15 @@ impl LoraAdapter {
         let du = ops::matmul_nn(&dv, n, &self.lora_b, out, r);
         let mut d_lora_a = vec![0f32; r * inp];
         ops::matmul_tn_into(&du, r, xin, inp, n, &mut d_lora_a, false);
-        ops::matmul_nn_into(&du, n, &self.lora_a, r, inp, &mut dx, dropout && saved.dora.is_some());
+        ops::matmul_nn_into(
+            &du,
+            n,
+            &self.lora_a,
+            r,
+            inp,
+            &mut dx,
+            dropout && saved.dora.is_some(),
+        );
         if let Some(keep) = &saved.keep {
             let inv = 1.0 / (1.0 - self.dropout);
             for (d, &k) in dx.iter_mut().zip(keep) {
@@ -353,7 +363,15 @@ mod tests {
         let mut rng = Rng::new(1);
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.5).collect();
         let base = BaseWeight::Dense { w, out, inp };
-        let mut a = LoraAdapter::new(&base, kind, r, 1.5, dropout, InitLoraWeights::Random, &mut rng);
+        let mut a = LoraAdapter::new(
+            &base,
+            kind,
+            r,
+            1.5,
+            dropout,
+            InitLoraWeights::Random,
+            &mut rng,
+        );
         if let Some(m) = &mut a.lora_magnitude_vector {
             for (i, v) in m.iter_mut().enumerate() {
                 *v *= 1.0 + 0.1 * i as f32;
@@ -367,11 +385,17 @@ mod tests {
     fn grad_check(kind: AdapterKind, dropout: f32) {
         let (base, a, x, n) = setup(kind, dropout);
         let out = a.out_features;
-        let c: Vec<f32> = (0..n * out).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+        let c: Vec<f32> = (0..n * out)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+            .collect();
         let loss = |ad: &LoraAdapter, x: &[f32]| -> f64 {
             let y_b = base.forward(x, n);
             let (d, _) = ad.forward_train(&base, x, &y_b, n, &mut Rng::new(9));
-            y_b.iter().zip(&d).zip(&c).map(|((b, d), c)| ((b + d) * c) as f64).sum()
+            y_b.iter()
+                .zip(&d)
+                .zip(&c)
+                .map(|((b, d), c)| ((b + d) * c) as f64)
+                .sum()
         };
         let y_b = base.forward(&x, n);
         let (_, saved) = a.forward_train(&base, &x, &y_b, n, &mut Rng::new(9));
@@ -394,7 +418,10 @@ mod tests {
                 }
             }
         };
-        let check = |name: &str, analytic: &[f32], get: &dyn Fn(&mut LoraAdapter, &mut Vec<f32>) -> *mut f32, len: usize| {
+        let check = |name: &str,
+                     analytic: &[f32],
+                     get: &dyn Fn(&mut LoraAdapter, &mut Vec<f32>) -> *mut f32,
+                     len: usize| {
             for i in 0..len {
                 let (mut p, mut xp) = (a.clone(), x.clone());
                 let ptr = get(&mut p, &mut xp);
@@ -419,10 +446,25 @@ mod tests {
                 );
             }
         };
-        check("A", &g.d_lora_a, &|p, _| p.lora_a.as_mut_ptr(), a.lora_a.len());
-        check("B", &g.d_lora_b, &|p, _| p.lora_b.as_mut_ptr(), a.lora_b.len());
+        check(
+            "A",
+            &g.d_lora_a,
+            &|p, _| p.lora_a.as_mut_ptr(),
+            a.lora_a.len(),
+        );
+        check(
+            "B",
+            &g.d_lora_b,
+            &|p, _| p.lora_b.as_mut_ptr(),
+            a.lora_b.len(),
+        );
         if let Some(dm) = &g.d_lora_magnitude_vector {
-            check("m", dm, &|p, _| p.lora_magnitude_vector.as_mut().unwrap().as_mut_ptr(), out);
+            check(
+                "m",
+                dm,
+                &|p, _| p.lora_magnitude_vector.as_mut().unwrap().as_mut_ptr(),
+                out,
+            );
         }
         check("x", &dx, &|_, xp| xp.as_mut_ptr(), x.len());
     }
@@ -453,7 +495,16 @@ mod tests {
         let mut rng = Rng::new(1);
         let _ = &mut rng;
         let m = a.weight_norm(&base);
-        let d = LoraAdapter::from_weights(&base, a.lora_a.clone(), a.lora_b.clone(), Some(m), a.r, a.scaling, 0.0, AdapterKind::Dora);
+        let d = LoraAdapter::from_weights(
+            &base,
+            a.lora_a.clone(),
+            a.lora_b.clone(),
+            Some(m),
+            a.r,
+            a.scaling,
+            0.0,
+            AdapterKind::Dora,
+        );
         let y_b = base.forward(&x, n);
         let l = a.forward(&base, &x, &y_b, n);
         let dd = d.forward(&base, &x, &y_b, n);

@@ -40,14 +40,19 @@ mod tests {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal()).collect();
         let base = BaseWeight::Dense { w, out, inp };
         for kind in [AdapterKind::Lora, AdapterKind::Dora] {
-            let mut a = LoraAdapter::new(&base, kind, 3, 2.0, 0.0, InitLoraWeights::Random, &mut rng);
+            let mut a =
+                LoraAdapter::new(&base, kind, 3, 2.0, 0.0, InitLoraWeights::Random, &mut rng);
             if let Some(m) = &mut a.lora_magnitude_vector {
                 m.iter_mut().for_each(|v| *v *= 1.3);
             }
             let x: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();
             let y_b = base.forward(&x, n);
             let d = a.forward(&base, &x, &y_b, n);
-            let merged = BaseWeight::Dense { w: merged_weight(&base, &a), out, inp };
+            let merged = BaseWeight::Dense {
+                w: merged_weight(&base, &a),
+                out,
+                inp,
+            };
             let ym = merged.forward(&x, n);
             for i in 0..n * out {
                 assert!((y_b[i] + d[i] - ym[i]).abs() < 1e-4 * (1.0 + ym[i].abs()));

@@ -50,8 +50,16 @@ pub fn save(
     })?;
     let mut tensors = Vec::new();
     for (module, a) in adapters {
-        tensors.push(OwnedTensor::f32(key_a(module), vec![a.r, a.in_features], &a.lora_a));
-        tensors.push(OwnedTensor::f32(key_b(module), vec![a.out_features, a.r], &a.lora_b));
+        tensors.push(OwnedTensor::f32(
+            key_a(module),
+            vec![a.r, a.in_features],
+            &a.lora_a,
+        ));
+        tensors.push(OwnedTensor::f32(
+            key_b(module),
+            vec![a.out_features, a.r],
+            &a.lora_b,
+        ));
         if let Some(m) = &a.lora_magnitude_vector {
             tensors.push(OwnedTensor::f32(key_m(module), vec![a.out_features], m));
         }
@@ -60,10 +68,17 @@ pub fn save(
         tensors.push(OwnedTensor::f32(key_param(name), shape.clone(), data));
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    io::write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &io::pt_metadata())?;
+    io::write_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        &tensors,
+        &io::pt_metadata(),
+    )?;
     io::write_text(&dir.join("adapter_config.json"), &config.to_json())?;
     Ok(())
 }
+
+/// `(lora_A, lora_B, magnitude)` of one module.
+pub type ModuleTensors = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 
 /// The tensors of an adapter file, taken out one module at a time by the model while it wraps
 /// its layers; [`finish`](Self::finish) then reports everything that did not fit.
@@ -84,7 +99,9 @@ impl AdapterFile {
             return Err(Error::Config {
                 path: dir.join("adapter_model.bin").display().to_string(),
                 field: "<file>".into(),
-                msg: "pickled adapter_model.bin is not supported; save with safe_serialization=True".into(),
+                msg:
+                    "pickled adapter_model.bin is not supported; save with safe_serialization=True"
+                        .into(),
             });
         }
         let ckpt = Checkpoint::open(&path)?;
@@ -108,11 +125,13 @@ impl AdapterFile {
     fn take(&mut self, key: &str, shape: &[usize]) -> Option<Vec<f32>> {
         match self.tensors.remove(key) {
             None => {
-                self.problems.push(format!("missing {key} (expected shape {shape:?})"));
+                self.problems
+                    .push(format!("missing {key} (expected shape {shape:?})"));
                 None
             }
             Some((s, d)) if s != shape => {
-                self.problems.push(format!("{key}: shape {s:?}, expected {shape:?}"));
+                self.problems
+                    .push(format!("{key}: shape {s:?}, expected {shape:?}"));
                 let _ = d;
                 None
             }
@@ -129,7 +148,7 @@ impl AdapterFile {
         out: usize,
         inp: usize,
         dora: bool,
-    ) -> Option<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)> {
+    ) -> Option<ModuleTensors> {
         let a = self.take(&key_a(module), &[r, inp]);
         let b = self.take(&key_b(module), &[out, r]);
         let m = if dora {
@@ -160,7 +179,9 @@ impl AdapterFile {
     /// [`Error::Mismatch`].
     pub fn finish(mut self) -> Result<()> {
         for k in self.tensors.keys() {
-            self.problems.push(format!("unexpected {k} (no such adapted module in the model)"));
+            self.problems.push(format!(
+                "unexpected {k} (no such adapted module in the model)"
+            ));
         }
         if self.problems.is_empty() {
             Ok(())

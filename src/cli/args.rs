@@ -8,7 +8,13 @@ use clap::{Args, Parser, Subcommand};
 /// qdora: fine-tune Hugging Face Llama-family models with QDoRA, QLoRA, DoRA, LoRA or in full,
 /// on a CPU, with PEFT-compatible adapters.
 #[derive(Parser, Debug)]
-#[command(name = "qdora", version, about, propagate_version = true, args_override_self = true)]
+#[command(
+    name = "qdora",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
 pub struct Cli {
     /// Subcommand.
     #[command(subcommand)]

@@ -1,12 +1,50 @@
-//! `qdora bench`: prints benchmark figures (see `crate::bench`).
+//! `qdora bench quant | layers | train`: prints figures as JSON lines (see `crate::bench`).
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::args::BenchArgs;
+use crate::bench;
+use crate::train::Mode;
 
 /// Runs `qdora bench`.
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
-    anyhow::bail!("bench {} is not available in this build", a.what)
+    match a.what.as_str() {
+        "quant" => {
+            for l in bench::quant(a.quick) {
+                println!("{}", serde_json::to_string(&l)?);
+            }
+        }
+        "layers" => {
+            for l in bench::layers(a.quick, a.lora_dropout as f32) {
+                println!("{}", serde_json::to_string(&l)?);
+            }
+        }
+        "train" => {
+            let source = match (&a.preset, &a.model) {
+                (Some(p), _) => p.clone(),
+                (None, Some(m)) => m.display().to_string(),
+                (None, None) => super::model_dir(None)?.display().to_string(),
+            };
+            let mode = Mode::parse(&a.mode).with_context(|| {
+                format!(
+                    "--mode {}: expected full, lora, dora, qlora or qdora",
+                    a.mode
+                )
+            })?;
+            let line = bench::train_step(&bench::TrainBenchOptions {
+                source,
+                mode,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                steps: a.steps.max(1),
+                gradient_checkpointing: a.gradient_checkpointing,
+                lora_dropout: a.lora_dropout,
+            })?;
+            println!("{}", serde_json::to_string(&line)?);
+        }
+        other => anyhow::bail!("unknown benchmark {other:?}: expected quant, layers or train"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

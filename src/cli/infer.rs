@@ -23,7 +23,8 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
     if let Some(ad) = &m.adapter {
         let tc = ad.join("train_config.toml");
         if let Ok(text) = std::fs::read_to_string(&tc) {
-            let cfg: TrainConfig = toml::from_str(&text).with_context(|| format!("parsing {}", tc.display()))?;
+            let cfg: TrainConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {}", tc.display()))?;
             if cfg.mode.quantized() {
                 storage = BaseStorage::Quantize(crate::train::trainer::quantize_options(&cfg));
             }
@@ -32,9 +33,11 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
     if force_nf4 {
         storage = BaseStorage::Quantize(Default::default());
     }
-    let mut model = load(&dir, &LoadOptions { storage }).with_context(|| format!("loading model {}", dir.display()))?;
+    let mut model = load(&dir, &LoadOptions { storage })
+        .with_context(|| format!("loading model {}", dir.display()))?;
     if let Some(ad) = &m.adapter {
-        adapters::load_adapter(&mut model, ad).with_context(|| format!("loading adapter {}", ad.display()))?;
+        adapters::load_adapter(&mut model, ad)
+            .with_context(|| format!("loading adapter {}", ad.display()))?;
     }
     Ok((model, dir))
 }
@@ -42,7 +45,8 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
 fn tokenizer_for(dir: &Path, adapter: Option<&Path>) -> Result<Tokenizer> {
     if let Some(a) = adapter {
         if a.join("tokenizer.json").exists() {
-            return Tokenizer::load(a).with_context(|| format!("loading tokenizer of {}", a.display()));
+            return Tokenizer::load(a)
+                .with_context(|| format!("loading tokenizer of {}", a.display()));
         }
     }
     Tokenizer::load(dir).with_context(|| format!("loading tokenizer of {}", dir.display()))
@@ -54,7 +58,13 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
     let tok = tokenizer_for(&dir, a.model.adapter.as_deref())?;
     let gcfg = GenerationConfig::load(&dir);
     let text = if a.chat {
-        tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true)?
+        tok.apply_chat_template(
+            &[Message {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+        )?
     } else {
         a.prompt.clone()
     };
@@ -101,12 +111,20 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     let ds = data::load(
         &a.data,
         tok.as_ref(),
-        &DataOptions { seq_len: a.seq_len, packing: true, train_on_prompt: false, skip_bad_records: false },
+        &DataOptions {
+            seq_len: a.seq_len,
+            packing: true,
+            train_on_prompt: false,
+            skip_bad_records: false,
+        },
     )?;
     model.ensure_positions(a.seq_len);
     let bar = ProgressBar::new(ds.sequences.len() as u64);
     let (mut sum, mut count) = (0.0, 0usize);
-    for chunk in (0..ds.sequences.len()).collect::<Vec<_>>().chunks(a.batch_size.max(1)) {
+    for chunk in (0..ds.sequences.len())
+        .collect::<Vec<_>>()
+        .chunks(a.batch_size.max(1))
+    {
         let (ids, labels) = crate::train::trainer::make_batch(&ds.sequences, chunk);
         let (s, c) = model.loss(&ids, &labels, chunk.len(), a.seq_len)?;
         sum += s;
@@ -115,33 +133,52 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     }
     bar.finish_and_clear();
     let loss = sum / count.max(1) as f64;
-    println!("{} sequences, {count} tokens: loss {loss:.4}, perplexity {:.3}", ds.sequences.len(), loss.exp());
+    println!(
+        "{} sequences, {count} tokens: loss {loss:.4}, perplexity {:.3}",
+        ds.sequences.len(),
+        loss.exp()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `qdora logits`.
 pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
     let (mut model, _) = load_model(&a.model, false)?;
-    let input = Checkpoint::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let input =
+        Checkpoint::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let t = input.get("input_ids")?;
     if t.shape.len() != 2 {
-        anyhow::bail!("{}: input_ids has shape {:?}, expected [batch, seq]", a.input.display(), t.shape);
+        anyhow::bail!(
+            "{}: input_ids has shape {:?}, expected [batch, seq]",
+            a.input.display(),
+            t.shape
+        );
     }
     let (b, s) = (t.shape[0], t.shape[1]);
     let ids: Vec<u32> = t
         .to_i64()?
         .into_iter()
         .enumerate()
-        .map(|(i, x)| u32::try_from(x).map_err(|_| anyhow::anyhow!("{}: input_ids[{i}] = {x} is negative", a.input.display())))
+        .map(|(i, x)| {
+            u32::try_from(x).map_err(|_| {
+                anyhow::anyhow!("{}: input_ids[{i}] = {x} is negative", a.input.display())
+            })
+        })
         .collect::<Result<_>>()?;
     model.ensure_positions(s);
-    let logits = model.logits(&ids, b, s).with_context(|| format!("running {}", a.input.display()))?;
+    let logits = model
+        .logits(&ids, b, s)
+        .with_context(|| format!("running {}", a.input.display()))?;
     let v = model.config.vocab_size;
     let mut tensors = vec![OwnedTensor::f32("logits", vec![b, s, v], &logits)];
     if input.contains("labels") {
         let labels = input.get("labels")?.to_i64()?;
         let (sum, count) = model.loss(&ids, &labels, b, s)?;
-        tensors.push(OwnedTensor::f32("loss", vec![1], &[(sum / count.max(1) as f64) as f32]));
+        tensors.push(OwnedTensor::f32(
+            "loss",
+            vec![1],
+            &[(sum / count.max(1) as f64) as f32],
+        ));
     }
     let _ = StDtype::F32;
     crate::io::write_safetensors(&a.out, &tensors, &crate::io::pt_metadata())?;

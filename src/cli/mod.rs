@@ -21,9 +21,14 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     if let Some(t) = cli.threads {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(t).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global();
     }
     let result = match cli.command {
         Command::Train(a) => train::run(*a),
@@ -53,7 +58,8 @@ fn model_dir(p: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn qdora_embedded_model() -> Result<PathBuf> {
-    crate::embedded::stories260k().context("writing the bundled stories260K model to the temp directory")
+    crate::embedded::stories260k()
+        .context("writing the bundled stories260K model to the temp directory")
 }
 
 /// Installs a Ctrl-C handler that asks the training loop to checkpoint and stop.
@@ -71,10 +77,21 @@ fn install_interrupt_handler() {
 fn check_out(out: &std::path::Path, input: &std::path::Path, overwrite: bool) -> Result<()> {
     let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     if canon(out) == canon(input) {
-        anyhow::bail!("--out {} is the input folder; choose another", out.display());
+        anyhow::bail!(
+            "--out {} is the input folder; choose another",
+            out.display()
+        );
     }
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false) && !overwrite {
-        anyhow::bail!("--out {} is not empty; pass --overwrite to replace it", out.display());
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+        && !overwrite
+    {
+        anyhow::bail!(
+            "--out {} is not empty; pass --overwrite to replace it",
+            out.display()
+        );
     }
     Ok(())
 }

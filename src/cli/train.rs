@@ -16,20 +16,33 @@ struct Bar {
 impl Observer for Bar {
     fn event(&mut self, e: Event<'_>) {
         match e {
-            Event::Start { trainable, memory, total, first } => {
+            Event::Start {
+                trainable,
+                memory,
+                total,
+                first,
+            } => {
                 eprintln!("{trainable}\n{memory}");
                 let bar = ProgressBar::new(total as u64);
                 bar.set_style(
-                    ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    ProgressStyle::with_template(
+                        "{bar:30} step {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 bar.set_position(first as u64);
                 self.bar = Some(bar);
             }
             Event::Step(r) => {
                 if let Some(b) = &self.bar {
-                    let eval = r.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
-                    b.set_message(format!("loss {:.4}{eval} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+                    let eval = r
+                        .eval_loss
+                        .map(|e| format!(" eval {e:.4}"))
+                        .unwrap_or_default();
+                    b.set_message(format!(
+                        "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
+                        r.loss, r.lr, r.tokens_per_s
+                    ));
                     b.set_position(r.step as u64);
                     if r.eval_loss.is_some() {
                         b.println(format!("step {} train loss {:.4}{eval}", r.step, r.loss));
@@ -52,23 +65,45 @@ impl Observer for Bar {
 fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     let mut c = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str::<TrainConfig>(&text).with_context(|| format!("parsing {}", p.display()))?
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str::<TrainConfig>(&text)
+                .with_context(|| format!("parsing {}", p.display()))?
         }
         None => TrainConfig::default(),
     };
     if let Some(m) = &a.mode {
-        c.mode = Mode::parse(m).with_context(|| format!("--mode {m}: expected full, lora, dora, qlora or qdora"))?;
+        c.mode = Mode::parse(m)
+            .with_context(|| format!("--mode {m}: expected full, lora, dora, qlora or qdora"))?;
     }
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
     }
-    set!(r, lora_alpha, lora_dropout, lr, warmup_steps, weight_decay, max_grad_norm, epochs, batch_size, grad_accum, seq_len, seed, eval_every, save_every);
+    set!(
+        r,
+        lora_alpha,
+        lora_dropout,
+        lr,
+        warmup_steps,
+        weight_decay,
+        max_grad_norm,
+        epochs,
+        batch_size,
+        grad_accum,
+        seq_len,
+        seed,
+        eval_every,
+        save_every
+    );
     if a.max_steps.is_some() {
         c.max_steps = a.max_steps;
     }
     if let Some(t) = &a.target_modules {
-        c.target_modules = t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        c.target_modules = t
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
     }
     if let Some(s) = &a.schedule {
         c.schedule = toml::Value::String(s.clone())
@@ -105,7 +140,8 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let model_dir = super::model_dir(a.model.clone())?;
     let data = match &a.data {
         Some(d) => d.clone(),
-        None => crate::embedded::tinyshakespeare().context("writing the bundled tinyshakespeare text")?,
+        None => crate::embedded::tinyshakespeare()
+            .context("writing the bundled tinyshakespeare text")?,
     };
     super::install_interrupt_handler();
     let run = TrainRun {
@@ -119,15 +155,23 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         force: a.force,
     };
     let mut obs = Bar { bar: None };
-    let s = train::train(&run, &mut obs).with_context(|| format!("training {} in {}", model_dir.display(), a.out.display()))?;
+    let s = train::train(&run, &mut obs)
+        .with_context(|| format!("training {} in {}", model_dir.display(), a.out.display()))?;
     if let Some(b) = &obs.bar {
         b.finish_and_clear();
     }
     if s.interrupted {
-        eprintln!("interrupted at step {}: checkpoint saved in {}; continue with --resume", s.steps, a.out.display());
+        eprintln!(
+            "interrupted at step {}: checkpoint saved in {}; continue with --resume",
+            s.steps,
+            a.out.display()
+        );
         return Ok(ExitCode::from(130));
     }
-    println!("mode {} | {} steps in {:.1} s | {:.0} tokens/s | peak RSS {:.0} MiB", s.mode, s.steps, s.train_seconds, s.tokens_per_s, s.peak_rss_mib);
+    println!(
+        "mode {} | {} steps in {:.1} s | {:.0} tokens/s | peak RSS {:.0} MiB",
+        s.mode, s.steps, s.train_seconds, s.tokens_per_s, s.peak_rss_mib
+    );
     println!(
         "trainable {} of {} ({:.2}%)",
         crate::model::llama::thousands(s.trainable_params),
@@ -135,7 +179,12 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         100.0 * s.trainable_params as f64 / s.total_params.max(1) as f64
     );
     match (s.initial_eval_loss, s.final_eval_loss) {
-        (Some(a0), Some(a1)) => println!("eval loss {a0:.4} -> {a1:.4} (perplexity {:.2} -> {:.2}); final train loss {:.4}", a0.exp(), a1.exp(), s.final_train_loss),
+        (Some(a0), Some(a1)) => println!(
+            "eval loss {a0:.4} -> {a1:.4} (perplexity {:.2} -> {:.2}); final train loss {:.4}",
+            a0.exp(),
+            a1.exp(),
+            s.final_train_loss
+        ),
         _ => println!("final train loss {:.4}", s.final_train_loss),
     }
     println!("wrote {}", a.out.display());

@@ -61,17 +61,24 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, rng: &mut Rng) -> Result<usiz
                 ),
             }));
         }
-        Ok(Some(LoraAdapter::new(base, kind(cfg), r, scaling, cfg.lora_dropout as f32, init, rng)))
+        Ok(Some(LoraAdapter::new(
+            base,
+            kind(cfg),
+            r,
+            scaling,
+            cfg.lora_dropout as f32,
+            init,
+            rng,
+        )))
     })
 }
 
+/// Builds the adapter of one module: (path, base, rank, scaling) → adapter.
+type MakeAdapter<'a> = dyn FnMut(&str, &BaseWeight, usize, f32) -> Result<Option<LoraAdapter>> + 'a;
+
 /// Shared by attach and load: walks the targeted linears, builds each adapter with `make`,
 /// and applies `bias` / `modules_to_save`.
-fn wire(
-    model: &mut Llama,
-    cfg: &LoraConfig,
-    make: &mut dyn FnMut(&str, &BaseWeight, usize, f32) -> Result<Option<LoraAdapter>>,
-) -> Result<usize> {
+fn wire(model: &mut Llama, cfg: &LoraConfig, make: &mut MakeAdapter<'_>) -> Result<usize> {
     let (embed, head) = check_modules_to_save(cfg)?;
     let mut n = 0;
     for i in 0..model.layers.len() {
@@ -96,7 +103,10 @@ fn wire(
         return Err(Error::Adapter(crate::adapter::Error::Config {
             path: "<adapter config>".into(),
             field: "target_modules".into(),
-            msg: format!("{:?} matches no linear layer of this model", cfg.target_modules),
+            msg: format!(
+                "{:?} matches no linear layer of this model",
+                cfg.target_modules
+            ),
         }));
     }
     model.train_embed_tokens = embed;

@@ -122,12 +122,14 @@ impl LlamaConfig {
             .and_then(|a| a.as_str())
             .map(String::from)
             .or_else(|| {
-                v.get("model_type").and_then(|m| m.as_str()).map(|m| match m {
-                    "mistral" => "MistralForCausalLM".to_string(),
-                    "qwen2" => "Qwen2ForCausalLM".to_string(),
-                    "qwen3" => "Qwen3ForCausalLM".to_string(),
-                    _ => "LlamaForCausalLM".to_string(),
-                })
+                v.get("model_type")
+                    .and_then(|m| m.as_str())
+                    .map(|m| match m {
+                        "mistral" => "MistralForCausalLM".to_string(),
+                        "qwen2" => "Qwen2ForCausalLM".to_string(),
+                        "qwen3" => "Qwen3ForCausalLM".to_string(),
+                        _ => "LlamaForCausalLM".to_string(),
+                    })
             })
             .ok_or_else(|| err("architectures", "missing (and no model_type)".into()))?;
         let arch = match architecture.as_str() {
@@ -205,12 +207,18 @@ impl LlamaConfig {
         }
         if let Some(act) = v.get("hidden_act").and_then(|a| a.as_str()) {
             if act != "silu" {
-                return Err(err("hidden_act", format!("{act} is not supported (only silu)")));
+                return Err(err(
+                    "hidden_act",
+                    format!("{act} is not supported (only silu)"),
+                ));
             }
         }
         if let Some(tp) = v.get("pretraining_tp").and_then(|a| a.as_u64()) {
             if tp != 1 {
-                return Err(err("pretraining_tp", format!("{tp} is not supported (only 1)")));
+                return Err(err(
+                    "pretraining_tp",
+                    format!("{tp} is not supported (only 1)"),
+                ));
             }
         }
         // RoPE: v5 `rope_parameters`, else v4 `rope_theta` + `rope_scaling`.
@@ -235,11 +243,18 @@ impl LlamaConfig {
                     r.get(k)
                         .and_then(|x| x.as_f64())
                         .map(|x| x as f32)
-                        .ok_or_else(|| err(&format!("rope_parameters.{k}"), "missing or not a number".into()))
+                        .ok_or_else(|| {
+                            err(
+                                &format!("rope_parameters.{k}"),
+                                "missing or not a number".into(),
+                            )
+                        })
                 };
                 match kind {
                     "default" => RopeScaling::Default,
-                    "linear" => RopeScaling::Linear { factor: f("factor")? },
+                    "linear" => RopeScaling::Linear {
+                        factor: f("factor")?,
+                    },
                     "llama3" => RopeScaling::Llama3 {
                         factor: f("factor")?,
                         low_freq_factor: f("low_freq_factor")?,
@@ -249,7 +264,9 @@ impl LlamaConfig {
                     other => {
                         return Err(err(
                             "rope_parameters.rope_type",
-                            format!("{other} is not supported (supported: default, linear, llama3)"),
+                            format!(
+                                "{other} is not supported (supported: default, linear, llama3)"
+                            ),
                         ))
                     }
                 }
@@ -258,13 +275,19 @@ impl LlamaConfig {
         let default_bias = arch == Arch::Qwen2;
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => vec![],
         };
         let sliding_window = if arch == Arch::Mistral {
             opt_usize("sliding_window")?
         } else if bool_field("use_sliding_window", false)? {
-            return Err(err("use_sliding_window", "sliding-window attention is only supported for Mistral".into()));
+            return Err(err(
+                "use_sliding_window",
+                "sliding-window attention is only supported for Mistral".into(),
+            ));
         } else {
             None
         };
@@ -281,12 +304,15 @@ impl LlamaConfig {
             rms_norm_eps: f32_field("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: bool_field("tie_word_embeddings", arch == Arch::Qwen2 && false)?,
+            tie_word_embeddings: bool_field("tie_word_embeddings", false)?,
             attention_bias: bool_field("attention_bias", default_bias)?,
             mlp_bias: bool_field("mlp_bias", false)?,
             max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
-            bos_token_id: v.get("bos_token_id").and_then(|x| x.as_u64()).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as u32),
             eos_token_ids,
             raw: v,
         })
@@ -342,9 +368,12 @@ mod tests {
 
     #[test]
     fn missing_field_is_named() {
-        let e = LlamaConfig::from_json(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64}"#, "c")
-            .unwrap_err()
-            .to_string();
+        let e = LlamaConfig::from_json(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64}"#,
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("num_attention_heads"), "{e}");
     }
 }

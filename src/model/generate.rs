@@ -52,7 +52,10 @@ pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
         idx.truncate(opts.top_k);
     }
     let mx = logits[idx[0]];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i] - mx) / opts.temperature) as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - mx) / opts.temperature) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if opts.top_p < 1.0 {
@@ -84,12 +87,20 @@ pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
 ///
 /// # Errors
 /// Bad ids or a context beyond the model's maximum.
-pub fn generate(model: &mut Llama, prompt: &[u32], opts: &GenerateOptions, on_token: &mut dyn FnMut(u32)) -> Result<Vec<u32>> {
+pub fn generate(
+    model: &mut Llama,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(u32),
+) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
     let mut rng = Rng::new(opts.seed);
     let mut logits = model.forward_cached(prompt, &mut cache)?;
     let mut out = Vec::new();
-    let room = model.config.max_position_embeddings.saturating_sub(prompt.len());
+    let room = model
+        .config
+        .max_position_embeddings
+        .saturating_sub(prompt.len());
     for _ in 0..opts.max_new_tokens.min(room) {
         let next = sample(&logits, opts, &mut rng);
         if opts.stop_ids.contains(&next) {

@@ -55,7 +55,15 @@ pub fn linear_path(layer: usize, name: &str) -> String {
 }
 
 /// The names of the seven linears of a block, in order.
-pub const LINEAR_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 fn push_linear(out: &mut Grads, path: &str, g: LinearGrads) {
     if let Some(w) = g.d_weight {
@@ -166,7 +174,10 @@ impl Llama {
 
     fn check_len(&self, ids: &[u32], b: usize, t: usize) -> Result<()> {
         if ids.len() != b * t {
-            return Err(Error::Input(format!("{} ids for batch {b} × seq {t}", ids.len())));
+            return Err(Error::Input(format!(
+                "{} ids for batch {b} × seq {t}",
+                ids.len()
+            )));
         }
         self.check_ids(ids)
     }
@@ -181,7 +192,13 @@ impl Llama {
         self.rope.ensure(t);
         let mut hs = vec![self.embed(ids)];
         for layer in &self.layers {
-            let x = layer.forward(hs.last().map(|v| v.as_slice()).unwrap_or(&[]), b, t, &self.rope, None);
+            let x = layer.forward(
+                hs.last().map(|v| v.as_slice()).unwrap_or(&[]),
+                b,
+                t,
+                &self.rope,
+                None,
+            );
             hs.push(x);
         }
         let last = hs.pop().unwrap_or_default();
@@ -234,7 +251,13 @@ impl Llama {
     ///
     /// # Errors
     /// Bad ids or labels.
-    pub fn loss(&mut self, ids: &[u32], labels: &[i64], b: usize, t: usize) -> Result<(f64, usize)> {
+    pub fn loss(
+        &mut self,
+        ids: &[u32],
+        labels: &[i64],
+        b: usize,
+        t: usize,
+    ) -> Result<(f64, usize)> {
         self.check_labels(labels, b, t)?;
         let hs = self.hidden_states(ids, b, t)?;
         let h = hs.last().map(|v| v.as_slice()).unwrap_or(&[]);
@@ -245,10 +268,16 @@ impl Llama {
 
     fn check_labels(&self, labels: &[i64], b: usize, t: usize) -> Result<()> {
         if labels.len() != b * t {
-            return Err(Error::Input(format!("{} labels for batch {b} × seq {t}", labels.len())));
+            return Err(Error::Input(format!(
+                "{} labels for batch {b} × seq {t}",
+                labels.len()
+            )));
         }
         let v = self.config.vocab_size as i64;
-        if let Some(i) = labels.iter().position(|&l| l != loss::IGNORE_INDEX && !(0..v).contains(&l)) {
+        if let Some(i) = labels
+            .iter()
+            .position(|&l| l != loss::IGNORE_INDEX && !(0..v).contains(&l))
+        {
             return Err(Error::Input(format!(
                 "label {} at position {i} is neither -100 nor inside the vocabulary (size {v})",
                 labels[i]
@@ -285,8 +314,19 @@ impl Llama {
         rng.next_u64();
         let (h, norm_saved) = self.norm.forward_train(&x);
         let targets = loss::shift_labels(labels, b, t);
-        let HeadLoss { loss_sum, count, d_hidden, d_weight } =
-            loss::head_loss(&h, self.head(), &targets, opts.grad_scale, true, self.train_lm_head);
+        let HeadLoss {
+            loss_sum,
+            count,
+            d_hidden,
+            d_weight,
+        } = loss::head_loss(
+            &h,
+            self.head(),
+            &targets,
+            opts.grad_scale,
+            true,
+            self.train_lm_head,
+        );
         drop(h);
         let mut grads: Grads = Vec::new();
         let (mut dx, d_norm) = self.norm.backward(norm_saved, &x, &d_hidden);
@@ -336,10 +376,16 @@ impl Llama {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             if layer.input_layernorm.train {
-                f(&format!("{p}.input_layernorm.weight"), &mut layer.input_layernorm.weight);
+                f(
+                    &format!("{p}.input_layernorm.weight"),
+                    &mut layer.input_layernorm.weight,
+                );
             }
             if layer.post_attention_layernorm.train {
-                f(&format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm.weight);
+                f(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &mut layer.post_attention_layernorm.weight,
+                );
             }
             if let Some(n) = layer.self_attn.q_norm.as_mut().filter(|n| n.train) {
                 f(&format!("{p}.self_attn.q_norm.weight"), &mut n.weight);
@@ -392,8 +438,16 @@ impl Llama {
         all += self.norm.weight.len();
         for layer in &self.layers {
             all += layer.input_layernorm.weight.len() + layer.post_attention_layernorm.weight.len();
-            all += layer.self_attn.q_norm.as_ref().map_or(0, |n| n.weight.len());
-            all += layer.self_attn.k_norm.as_ref().map_or(0, |n| n.weight.len());
+            all += layer
+                .self_attn
+                .q_norm
+                .as_ref()
+                .map_or(0, |n| n.weight.len());
+            all += layer
+                .self_attn
+                .k_norm
+                .as_ref()
+                .map_or(0, |n| n.weight.len());
             for name in LINEAR_NAMES {
                 let l = layer.linear(name);
                 all += l.out_features() * l.in_features() + l.bias.as_ref().map_or(0, |b| b.len());

@@ -53,7 +53,14 @@ impl Loader<'_> {
         Ok(v)
     }
 
-    fn linear(&self, path: &str, out: usize, inp: usize, bias: bool, storage: BaseStorage) -> Result<Linear> {
+    fn linear(
+        &self,
+        path: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        storage: BaseStorage,
+    ) -> Result<Linear> {
         let key = format!("{path}.weight");
         let weight = if bnb_io::is_quantized(self.ckpt, &key) {
             let q = bnb_io::read_quantized(self.ckpt, &key)?;
@@ -66,7 +73,11 @@ impl Loader<'_> {
                 });
             }
             match storage {
-                BaseStorage::Dense => BaseWeight::Dense { w: q.dequantize_as_stored(), out, inp },
+                BaseStorage::Dense => BaseWeight::Dense {
+                    w: q.dequantize_as_stored(),
+                    out,
+                    inp,
+                },
                 _ => BaseWeight::Quant(q),
             }
         } else {
@@ -107,21 +118,32 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Llama> {
 ///
 /// # Errors
 /// As [`load`].
-pub fn from_checkpoint(config: LlamaConfig, ckpt: &Checkpoint, opts: &LoadOptions) -> Result<Llama> {
+pub fn from_checkpoint(
+    config: LlamaConfig,
+    ckpt: &Checkpoint,
+    opts: &LoadOptions,
+) -> Result<Llama> {
     let l = Loader {
         ckpt,
         path: ckpt.root().display().to_string(),
     };
     let c = &config;
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
     let embed = l.dense("model.embed_tokens.weight", &[v, d])?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let lin = |name: &str, out, inp, bias| l.linear(&linear_path(i, name), out, inp, bias, opts.storage);
+        let lin = |name: &str, out, inp, bias| {
+            l.linear(&linear_path(i, name), out, inp, bias, opts.storage)
+        };
         let qk_norm = c.arch == Arch::Qwen3;
-        let norm = |key: &str, n: usize| -> Result<RmsNorm> { Ok(RmsNorm::new(l.dense(key, &[n])?, c.rms_norm_eps)) };
+        let norm = |key: &str, n: usize| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(l.dense(key, &[n])?, c.rms_norm_eps))
+        };
         layers.push(Block {
             input_layernorm: norm(&format!("{p}.input_layernorm.weight"), d)?,
             self_attn: Attention {
@@ -129,8 +151,16 @@ pub fn from_checkpoint(config: LlamaConfig, ckpt: &Checkpoint, opts: &LoadOption
                 k_proj: lin("k_proj", kv, d, c.qkv_bias())?,
                 v_proj: lin("v_proj", kv, d, c.qkv_bias())?,
                 o_proj: lin("o_proj", d, q, c.o_bias())?,
-                q_norm: if qk_norm { Some(norm(&format!("{p}.self_attn.q_norm.weight"), c.head_dim)?) } else { None },
-                k_norm: if qk_norm { Some(norm(&format!("{p}.self_attn.k_norm.weight"), c.head_dim)?) } else { None },
+                q_norm: if qk_norm {
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), c.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if qk_norm {
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), c.head_dim)?)
+                } else {
+                    None
+                },
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
@@ -146,7 +176,11 @@ pub fn from_checkpoint(config: LlamaConfig, ckpt: &Checkpoint, opts: &LoadOption
     }
     let norm = RmsNorm::new(l.dense("model.norm.weight", &[d])?, c.rms_norm_eps);
     let lm_head = if ckpt.contains("lm_head.weight") && !c.tie_word_embeddings {
-        Some(BaseWeight::Dense { w: l.dense("lm_head.weight", &[v, d])?, out: v, inp: d })
+        Some(BaseWeight::Dense {
+            w: l.dense("lm_head.weight", &[v, d])?,
+            out: v,
+            inp: d,
+        })
     } else if c.tie_word_embeddings {
         None
     } else {
@@ -158,7 +192,11 @@ pub fn from_checkpoint(config: LlamaConfig, ckpt: &Checkpoint, opts: &LoadOption
     let mut rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling);
     rope.ensure(c.max_position_embeddings.min(4096));
     Ok(Llama {
-        embed_tokens: BaseWeight::Dense { w: embed, out: v, inp: d },
+        embed_tokens: BaseWeight::Dense {
+            w: embed,
+            out: v,
+            inp: d,
+        },
         train_embed_tokens: false,
         layers,
         norm,
@@ -185,13 +223,19 @@ fn dense_tensor(name: String, shape: Vec<usize>, data: &[f32], dtype: Dtype) -> 
             name,
             dtype: StDtype::BF16,
             shape,
-            data: data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+            data: data
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
         },
         Dtype::F16 => OwnedTensor {
             name,
             dtype: StDtype::F16,
             shape,
-            data: data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            data: data
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
         },
     }
 }
@@ -202,7 +246,10 @@ fn dense_tensor(name: String, shape: Vec<usize>, data: &[f32], dtype: Dtype) -> 
 /// # Errors
 /// I/O errors; an un-merged adapter.
 pub fn save(model: &Llama, dir: &Path, how: SaveAs) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| io::Error::Io { path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| io::Error::Io {
+        path: dir.into(),
+        source,
+    })?;
     let mut tensors = Vec::new();
     let c = &model.config;
     let dense_dtype = match how {
@@ -213,42 +260,93 @@ pub fn save(model: &Llama, dir: &Path, how: SaveAs) -> Result<()> {
         tensors.push(dense_tensor(name, shape, data, dense_dtype));
     };
     let weight_of = |w: &BaseWeight| w.to_f32().into_owned();
-    put(&mut tensors, "model.embed_tokens.weight".into(), vec![c.vocab_size, c.hidden_size], &weight_of(&model.embed_tokens));
+    put(
+        &mut tensors,
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, c.hidden_size],
+        &weight_of(&model.embed_tokens),
+    );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        put(&mut tensors, format!("{p}.input_layernorm.weight"), vec![c.hidden_size], &layer.input_layernorm.weight);
-        put(&mut tensors, format!("{p}.post_attention_layernorm.weight"), vec![c.hidden_size], &layer.post_attention_layernorm.weight);
+        put(
+            &mut tensors,
+            format!("{p}.input_layernorm.weight"),
+            vec![c.hidden_size],
+            &layer.input_layernorm.weight,
+        );
+        put(
+            &mut tensors,
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![c.hidden_size],
+            &layer.post_attention_layernorm.weight,
+        );
         if let Some(n) = &layer.self_attn.q_norm {
-            put(&mut tensors, format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim], &n.weight);
+            put(
+                &mut tensors,
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![c.head_dim],
+                &n.weight,
+            );
         }
         if let Some(n) = &layer.self_attn.k_norm {
-            put(&mut tensors, format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim], &n.weight);
+            put(
+                &mut tensors,
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![c.head_dim],
+                &n.weight,
+            );
         }
         for name in LINEAR_NAMES {
             let l = layer.linear(name);
             let path = linear_path(i, name);
             if l.adapter.is_some() {
-                return Err(Error::Input(format!("{path} still has an adapter; merge it before saving")));
+                return Err(Error::Input(format!(
+                    "{path} still has an adapter; merge it before saving"
+                )));
             }
             let (out, inp) = (l.out_features(), l.in_features());
             match (how, &l.weight) {
                 (SaveAs::Quantized(opts), w) => {
                     let q = match w {
-                        BaseWeight::Quant(q) if q.quant_type == opts.quant_type && q.blocksize == opts.blocksize => q.clone(),
-                        other => QuantizedWeight::quantize(&other.to_f32(), &[out, inp], Dtype::F32, opts)?,
+                        BaseWeight::Quant(q)
+                            if q.quant_type == opts.quant_type && q.blocksize == opts.blocksize =>
+                        {
+                            q.clone()
+                        }
+                        other => QuantizedWeight::quantize(
+                            &other.to_f32(),
+                            &[out, inp],
+                            Dtype::F32,
+                            opts,
+                        )?,
                     };
                     tensors.extend(bnb_io::to_tensors(&format!("{path}.weight"), &q));
                 }
-                (SaveAs::Dense(_), w) => put(&mut tensors, format!("{path}.weight"), vec![out, inp], &weight_of(w)),
+                (SaveAs::Dense(_), w) => put(
+                    &mut tensors,
+                    format!("{path}.weight"),
+                    vec![out, inp],
+                    &weight_of(w),
+                ),
             }
             if let Some(b) = &l.bias {
                 put(&mut tensors, format!("{path}.bias"), vec![out], b);
             }
         }
     }
-    put(&mut tensors, "model.norm.weight".into(), vec![c.hidden_size], &model.norm.weight);
+    put(
+        &mut tensors,
+        "model.norm.weight".into(),
+        vec![c.hidden_size],
+        &model.norm.weight,
+    );
     if let Some(h) = &model.lm_head {
-        put(&mut tensors, "lm_head.weight".into(), vec![c.vocab_size, c.hidden_size], &weight_of(h));
+        put(
+            &mut tensors,
+            "lm_head.weight".into(),
+            vec![c.vocab_size, c.hidden_size],
+            &weight_of(h),
+        );
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     io::write_safetensors(&dir.join("model.safetensors"), &tensors, &io::pt_metadata())?;

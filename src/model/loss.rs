@@ -55,8 +55,14 @@ pub fn head_loss(
 ) -> HeadLoss {
     let d = head.in_features();
     let v = head.out_features();
-    let rows: Vec<usize> = (0..targets.len()).filter(|&i| targets[i] != IGNORE_INDEX).collect();
-    let mut d_hidden = if backward { vec![0f32; h.len()] } else { Vec::new() };
+    let rows: Vec<usize> = (0..targets.len())
+        .filter(|&i| targets[i] != IGNORE_INDEX)
+        .collect();
+    let mut d_hidden = if backward {
+        vec![0f32; h.len()]
+    } else {
+        Vec::new()
+    };
     let mut d_weight = (backward && weight_grad).then(|| vec![0f32; v * d]);
     let mut loss_sum = 0f64;
     for chunk in rows.chunks(CHUNK_ROWS) {
@@ -128,7 +134,11 @@ mod tests {
             p[i] -= 2.0 * eps;
             let lm = head_loss(&p, &head, &targets, 1.0, false, false).loss_sum;
             let num = (lp - lm) / (2.0 * eps as f64);
-            assert!((num - r.d_hidden[i] as f64).abs() < 1e-2, "{num} vs {}", r.d_hidden[i]);
+            assert!(
+                (num - r.d_hidden[i] as f64).abs() < 1e-2,
+                "{num} vs {}",
+                r.d_hidden[i]
+            );
         }
         let dw = r.d_weight.unwrap();
         for i in 0..v * d {
@@ -147,6 +157,9 @@ mod tests {
 
     #[test]
     fn shift_ignores_last_position() {
-        assert_eq!(shift_labels(&[5, 6, 7, 8], 2, 2), vec![6, IGNORE_INDEX, 8, IGNORE_INDEX]);
+        assert_eq!(
+            shift_labels(&[5, 6, 7, 8], 2, 2),
+            vec![6, IGNORE_INDEX, 8, IGNORE_INDEX]
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod random;
 pub mod tokenizer;
 
 pub use config::{Arch, LlamaConfig};

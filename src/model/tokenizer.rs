@@ -52,7 +52,8 @@ impl Tokenizer {
         if !tj.exists() {
             return Err(Error::Tokenizer {
                 path,
-                msg: "not found (a model without tokenizer.json can train on pre-tokenized data)".into(),
+                msg: "not found (a model without tokenizer.json can train on pre-tokenized data)"
+                    .into(),
             });
         }
         let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| Error::Tokenizer {
@@ -98,10 +99,13 @@ impl Tokenizer {
     /// # Errors
     /// [`Error::Tokenizer`].
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -120,19 +124,33 @@ impl Tokenizer {
     ///
     /// # Errors
     /// [`Error::Tokenizer`] when there is no template or it fails to render.
-    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tpl = self.chat_template.as_ref().ok_or_else(|| Error::Tokenizer {
-            path: self.path.clone(),
-            msg: "the model has no chat_template".into(),
-        })?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let tpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: "the model has no chat_template".into(),
+            })?;
         let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", tpl).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            msg: format!("chat template: {e}"),
-        })?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", tpl)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("chat template: {e}"),
+            })?;
         let t = env.get_template("chat").map_err(|e| Error::Tokenizer {
             path: self.path.clone(),
             msg: e.to_string(),
@@ -176,11 +194,17 @@ impl GenerationConfig {
         };
         let eos = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => vec![],
         };
         Self {
-            temperature: v.get("temperature").and_then(|x| x.as_f64()).map(|x| x as f32),
+            temperature: v
+                .get("temperature")
+                .and_then(|x| x.as_f64())
+                .map(|x| x as f32),
             top_k: v.get("top_k").and_then(|x| x.as_u64()).map(|x| x as usize),
             top_p: v.get("top_p").and_then(|x| x.as_f64()).map(|x| x as f32),
             do_sample: v.get("do_sample").and_then(|x| x.as_bool()),

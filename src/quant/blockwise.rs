@@ -386,7 +386,9 @@ mod tests {
     #[test]
     fn round_trip_error_is_bounded_at_block_edges() {
         for n in [0usize, 1, 63, 64, 65, 4097] {
-            let data: Vec<f32> = (0..n).map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0).collect();
+            let data: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
+                .collect();
             for qt in [QuantType::Nf4, QuantType::Fp4] {
                 let (packed, absmax) = quantize_4bit(&data, qt, 64).unwrap();
                 assert_eq!(packed.len(), n.div_ceil(2));
@@ -399,7 +401,10 @@ mod tests {
                 };
                 for (i, (&x, &y)) in data.iter().zip(&out).enumerate() {
                     let am = absmax[i / 64];
-                    assert!((x - y).abs() <= half_gap * am + 1e-6, "n={n} i={i} {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= half_gap * am + 1e-6,
+                        "n={n} i={i} {x} vs {y}"
+                    );
                 }
             }
         }

@@ -82,7 +82,8 @@ pub fn read_quantized(ckpt: &Checkpoint, weight_key: &str) -> Result<QuantizedWe
         msg,
     };
     let state_raw = ckpt.get(&state_key(weight_key, qt))?;
-    let state: Value = serde_json::from_slice(state_raw.data).map_err(|e| bad_state(e.to_string()))?;
+    let state: Value =
+        serde_json::from_slice(state_raw.data).map_err(|e| bad_state(e.to_string()))?;
     let field = |k: &str| state.get(k).ok_or_else(|| bad_state(format!("no \"{k}\"")));
     let json_qt = field("quant_type")?
         .as_str()
@@ -97,7 +98,8 @@ pub fn read_quantized(ckpt: &Checkpoint, weight_key: &str) -> Result<QuantizedWe
     }
     let blocksize = field("blocksize")?
         .as_u64()
-        .ok_or_else(|| bad_state("blocksize is not an integer".into()))? as usize;
+        .ok_or_else(|| bad_state("blocksize is not an integer".into()))?
+        as usize;
     let dtype = Dtype::parse(
         field("dtype")?
             .as_str()
@@ -307,11 +309,7 @@ pub fn quantize_checkpoint(
         if is_qmap {
             let wk = name.trim_end_matches(".quant_map");
             if let Some(js) = jsons.get(wk) {
-                full_plan.push((
-                    state_key(wk, opts.quant_type),
-                    StDtype::U8,
-                    vec![js.len()],
-                ));
+                full_plan.push((state_key(wk, opts.quant_type), StDtype::U8, vec![js.len()]));
             }
         }
     }

@@ -7,9 +7,9 @@
 
 use rayon::prelude::*;
 
-/// Rows of W dequantized per tile in the fused matmuls. 256 rows of a 4096-wide layer are 4 MiB
+/// Rows of W dequantized per tile in the fused matmuls. 512 rows of a 4096-wide layer are 8 MiB
 /// of f32: large enough that gemm's packing of `x` is amortised, small next to the weight.
-pub const TILE_ROWS: usize = 256;
+pub const TILE_ROWS: usize = 512;
 /// Elements per parallel dequantization chunk (even, so a chunk never splits a byte).
 const DEQUANT_CHUNK: usize = 1 << 14;
 
@@ -72,7 +72,8 @@ fn dequantize_serial(
         let pairs = (block_end - i) / 2;
         let bytes = &packed[i / 2..i / 2 + pairs];
         let dst = &mut out[o..o + 2 * pairs];
-        for (d, &b) in dst.chunks_exact_mut(2).zip(bytes) {
+        let done = simd::dequant_pairs(bytes, table, scale, dst);
+        for (d, &b) in dst[2 * done..].chunks_exact_mut(2).zip(&bytes[done..]) {
             let p = table[b as usize];
             d[0] = p[0] * scale;
             d[1] = p[1] * scale;
@@ -85,6 +86,64 @@ fn dequantize_serial(
             i += 1;
             o += 1;
         }
+    }
+}
+
+/// AVX2 path of the dequantization inner loop: 8 outputs per iteration from 4 packed bytes,
+/// nibbles expanded by per-lane shifts and looked up with two 8-entry permutes. Returns how many
+/// bytes it handled (the scalar loop does the rest; 0 without AVX2).
+mod simd {
+    /// Dequantizes as many whole groups of 4 bytes as possible.
+    pub fn dequant_pairs(
+        bytes: &[u8],
+        table: &[[f32; 2]; 256],
+        scale: f32,
+        dst: &mut [f32],
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // The 16 codes are table[b][0] for b = c << 4 (high nibble c).
+                let mut code = [0f32; 16];
+                for (c, v) in code.iter_mut().enumerate() {
+                    *v = table[c << 4][0];
+                }
+                // SAFETY: AVX2 was detected at run time; the function reads/writes only inside
+                // the slices (checked lengths).
+                return unsafe { avx2(bytes, &code, scale, dst) };
+            }
+        }
+        let _ = (bytes, table, scale, dst);
+        0
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2(bytes: &[u8], code: &[f32; 16], scale: f32, dst: &mut [f32]) -> usize {
+        use std::arch::x86_64::*;
+        let groups = bytes.len() / 4;
+        assert!(dst.len() >= groups * 8);
+        let lut_lo = _mm256_loadu_ps(code.as_ptr());
+        let lut_hi = _mm256_loadu_ps(code.as_ptr().add(8));
+        let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+        let mask = _mm256_set1_epi32(15);
+        let vs = _mm256_set1_ps(scale);
+        for g in 0..groups {
+            let w = u32::from_le_bytes([
+                bytes[4 * g],
+                bytes[4 * g + 1],
+                bytes[4 * g + 2],
+                bytes[4 * g + 3],
+            ]);
+            let idx =
+                _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts), mask);
+            let lo = _mm256_permutevar8x32_ps(lut_lo, idx);
+            let hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+            let sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+            let v = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), vs);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8 * g), v);
+        }
+        groups * 4
     }
 }
 
@@ -199,7 +258,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()

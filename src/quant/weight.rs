@@ -248,7 +248,10 @@ impl QuantizedWeight {
     /// # Panics
     /// If `out` has the wrong length or the rows are out of range.
     pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        assert!(r0 <= r1 && r1 <= self.rows(), "rows {r0}..{r1} out of range");
+        assert!(
+            r0 <= r1 && r1 <= self.rows(),
+            "rows {r0}..{r1} out of range"
+        );
         assert_eq!(out.len(), (r1 - r0) * self.cols(), "output length");
         kernels::dequantize_range(
             &self.packed,
@@ -273,9 +276,22 @@ impl QuantizedWeight {
 
     /// Dequantizes to bf16 bits (round to nearest even from the f32 product).
     pub fn dequantize_bf16(&self) -> Vec<u16> {
-        let f = self.dequantize();
         use rayon::prelude::*;
-        f.par_iter().map(|&v| kernels::f32_to_bf16_bits(v)).collect()
+        let cols = self.cols().max(1);
+        let rows_per = (1 << 14) / cols + 1;
+        let mut out = vec![0u16; self.numel()];
+        out.par_chunks_mut(rows_per * cols)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let r0 = ci * rows_per;
+                let r1 = r0 + chunk.len() / cols;
+                let mut buf = vec![0f32; chunk.len()];
+                self.dequantize_rows(r0, r1, &mut buf);
+                for (o, v) in chunk.iter_mut().zip(&buf) {
+                    *o = kernels::f32_to_bf16_bits(*v);
+                }
+            });
+        out
     }
 
     fn view(&self) -> Packed4<'_> {
@@ -338,16 +354,23 @@ pub fn python_float_repr(x: f64) -> String {
         return "NaN".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let sci = format!("{x:e}"); // e.g. "1.2345e-5"
     let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     if !(-4..16).contains(&exp) {
-        let mant = if mant.contains('.') { mant.to_string() } else { mant.to_string() };
         let sign = if exp < 0 { "-" } else { "+" };
         format!("{mant}e{sign}{:02}", exp.abs())
     } else {
@@ -388,7 +411,10 @@ mod tests {
         )
         .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("model.layers.0.q_proj.weight") && msg.contains("128"), "{msg}");
+        assert!(
+            msg.contains("model.layers.0.q_proj.weight") && msg.contains("128"),
+            "{msg}"
+        );
         let err = QuantizedWeight::from_parts(
             "w",
             vec![0u8; 128],

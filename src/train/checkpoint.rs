@@ -37,13 +37,21 @@ pub fn save(out: &Path, model: &mut Llama, opt: &AdamW, state: &TrainerState) ->
     let staged = StagedDir::new(&dest)?;
     let mut params = Vec::new();
     model.visit_trainable(&mut |name, t| params.push(OwnedTensor::f32(name, vec![t.len()], t)));
-    io::write_safetensors(&staged.path.join("trainable.safetensors"), &params, &io::pt_metadata())?;
+    io::write_safetensors(
+        &staged.path.join("trainable.safetensors"),
+        &params,
+        &io::pt_metadata(),
+    )?;
     let mut moments = Vec::new();
     for (name, m) in &opt.state {
         moments.push(OwnedTensor::f32(format!("m.{name}"), vec![m.m.len()], &m.m));
         moments.push(OwnedTensor::f32(format!("v.{name}"), vec![m.v.len()], &m.v));
     }
-    io::write_safetensors(&staged.path.join("optimizer.safetensors"), &moments, &io::pt_metadata())?;
+    io::write_safetensors(
+        &staged.path.join("optimizer.safetensors"),
+        &moments,
+        &io::pt_metadata(),
+    )?;
     let json = serde_json::to_string_pretty(state).unwrap_or_default();
     io::write_text(&staged.path.join("state.json"), &json)?;
     Ok(staged.commit()?)
@@ -54,7 +62,10 @@ pub fn latest(out: &Path) -> Option<PathBuf> {
     let mut best: Option<(usize, PathBuf)> = None;
     for e in std::fs::read_dir(out).ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else {
+        let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
             continue;
         };
         if !e.path().join("state.json").exists() {
@@ -76,17 +87,24 @@ pub fn load(dir: &Path, model: &mut Llama, opt: &mut AdamW) -> Result<TrainerSta
         path: dir.display().to_string(),
         msg,
     };
-    let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| bad(format!("state.json: {e}")))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
+    let text = std::fs::read_to_string(dir.join("state.json"))
+        .map_err(|e| bad(format!("state.json: {e}")))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
     let params = Checkpoint::open(&dir.join("trainable.safetensors"))?;
     let mut problems = Vec::new();
-    model.visit_trainable(&mut |name, t| match params.get(name).and_then(|r| r.to_f32()) {
-        Ok(v) if v.len() == t.len() => t.copy_from_slice(&v),
-        Ok(v) => problems.push(format!("{name}: {} values, model has {}", v.len(), t.len())),
-        Err(e) => problems.push(e.to_string()),
-    });
+    model.visit_trainable(
+        &mut |name, t| match params.get(name).and_then(|r| r.to_f32()) {
+            Ok(v) if v.len() == t.len() => t.copy_from_slice(&v),
+            Ok(v) => problems.push(format!("{name}: {} values, model has {}", v.len(), t.len())),
+            Err(e) => problems.push(e.to_string()),
+        },
+    );
     if !problems.is_empty() {
-        return Err(bad(format!("does not fit this model/config: {}", problems.join("; "))));
+        return Err(bad(format!(
+            "does not fit this model/config: {}",
+            problems.join("; ")
+        )));
     }
     let moments = Checkpoint::open(&dir.join("optimizer.safetensors"))?;
     opt.state.clear();

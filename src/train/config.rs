@@ -135,9 +135,17 @@ impl Default for TrainConfig {
             r: 8,
             lora_alpha: 32.0,
             lora_dropout: 0.1,
-            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
             use_rslora: false,
             init_lora_weights: "true".into(),
             bias: Bias::None,
@@ -179,7 +187,9 @@ impl TrainConfig {
 
     /// The PEFT config these settings describe.
     pub fn lora_config(&self, base_model: &str) -> LoraConfig {
-        let targets = if self.target_modules.len() == 1 && self.target_modules[0].eq_ignore_ascii_case("all-linear") {
+        let targets = if self.target_modules.len() == 1
+            && self.target_modules[0].eq_ignore_ascii_case("all-linear")
+        {
             TargetModules::Regex("all-linear".into())
         } else {
             TargetModules::List(self.target_modules.clone())
@@ -197,7 +207,8 @@ impl TrainConfig {
                 other => serde_json::Value::String(other.into()),
             },
             bias: self.bias,
-            modules_to_save: (!self.modules_to_save.is_empty()).then(|| self.modules_to_save.clone()),
+            modules_to_save: (!self.modules_to_save.is_empty())
+                .then(|| self.modules_to_save.clone()),
             base_model_name_or_path: Some(base_model.into()),
             ..Default::default()
         }
@@ -213,7 +224,10 @@ impl TrainConfig {
             p.push("r: must be > 0".into());
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            p.push(format!("lora_dropout: {} is outside [0, 1)", self.lora_dropout));
+            p.push(format!(
+                "lora_dropout: {} is outside [0, 1)",
+                self.lora_dropout
+            ));
         }
         if self.batch_size == 0 {
             p.push("batch_size: must be > 0".into());
@@ -231,24 +245,36 @@ impl TrainConfig {
             p.push("epochs: must be > 0 (or set max_steps)".into());
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
-            p.push(format!("eval_fraction: {} is outside [0, 1)", self.eval_fraction));
+            p.push(format!(
+                "eval_fraction: {} is outside [0, 1)",
+                self.eval_fraction
+            ));
         }
-        if !(self.max_grad_norm >= 0.0) {
-            p.push(format!("max_grad_norm: {} must be >= 0", self.max_grad_norm));
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
+            p.push(format!(
+                "max_grad_norm: {} must be >= 0",
+                self.max_grad_norm
+            ));
         }
         for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 p.push(format!("{k}: {v} is outside [0, 1)"));
             }
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             p.push(format!("weight_decay: {} must be >= 0", self.weight_decay));
         }
         if crate::quant::QuantType::parse(&self.quant_type).is_err() {
-            p.push(format!("quant_type: {:?} is not nf4 or fp4", self.quant_type));
+            p.push(format!(
+                "quant_type: {:?} is not nf4 or fp4",
+                self.quant_type
+            ));
         }
         if crate::quant::blockwise::check_blocksize(self.blocksize).is_err() {
-            p.push(format!("blocksize: {} is not a power of two in 32..=4096", self.blocksize));
+            p.push(format!(
+                "blocksize: {} is not a power of two in 32..=4096",
+                self.blocksize
+            ));
         }
         p
     }

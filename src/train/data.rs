@@ -83,12 +83,19 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
         path: path.display().to_string(),
         msg: e.to_string(),
     })?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let mut ds = Dataset::default();
     let mut records: Vec<Tokenized> = Vec::new();
     if ext == "txt" {
         let text = String::from_utf8(bytes).map_err(|e| {
-            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
             data_err(path, line, "invalid UTF-8")
         })?;
         let tok = tokenizer.ok_or_else(|| Error::Dataset {
@@ -113,14 +120,21 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
         let text = match String::from_utf8(bytes) {
             Ok(t) => t,
             Err(e) => {
-                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count();
                 return Err(data_err(path, line, "invalid UTF-8"));
             }
         };
         let trimmed = text.trim_start();
         let items: Vec<(usize, std::result::Result<Value, String>)> = if trimmed.starts_with('[') {
             match serde_json::from_str::<Value>(&text) {
-                Ok(Value::Array(a)) => a.into_iter().enumerate().map(|(i, v)| (i + 1, Ok(v))).collect(),
+                Ok(Value::Array(a)) => a
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (i + 1, Ok(v)))
+                    .collect(),
                 Ok(_) => return Err(data_err(path, 1, "expected a JSON array of records")),
                 Err(e) => return Err(data_err(path, e.line(), format!("invalid JSON: {e}"))),
             }
@@ -128,7 +142,12 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
             text.lines()
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| (i + 1, serde_json::from_str::<Value>(l).map_err(|e| format!("invalid JSON: {e}"))))
+                .map(|(i, l)| {
+                    (
+                        i + 1,
+                        serde_json::from_str::<Value>(l).map_err(|e| format!("invalid JSON: {e}")),
+                    )
+                })
                 .collect()
         };
         for (line, item) in items {
@@ -164,13 +183,22 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
     if ds.sequences.is_empty() {
         return Err(Error::Dataset {
             path: path.display().to_string(),
-            msg: format!("fewer tokens than one sequence of {} (lower --seq-len or disable packing)", opts.seq_len),
+            msg: format!(
+                "fewer tokens than one sequence of {} (lower --seq-len or disable packing)",
+                opts.seq_len
+            ),
         });
     }
     ds.label_tokens = ds
         .sequences
         .iter()
-        .map(|s| s.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count())
+        .map(|s| {
+            s.labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count()
+        })
         .sum();
     Ok(ds)
 }
@@ -194,14 +222,24 @@ fn str_field<'a>(v: &'a Value, k: &str) -> std::result::Result<Option<&'a str>, 
     }
 }
 
-fn tokenize_record(v: &Value, tok: Option<&Tokenizer>, opts: &DataOptions) -> std::result::Result<Tokenized, String> {
-    let obj = v.as_object().ok_or_else(|| "record is not a JSON object".to_string())?;
+fn tokenize_record(
+    v: &Value,
+    tok: Option<&Tokenizer>,
+    opts: &DataOptions,
+) -> std::result::Result<Tokenized, String> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| "record is not a JSON object".to_string())?;
     if let Some(ids) = obj.get("input_ids") {
         let ids: Vec<u32> = ids
             .as_array()
             .ok_or("\"input_ids\" must be a list of integers")?
             .iter()
-            .map(|x| x.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32))
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&x| x <= u32::MAX as u64)
+                    .map(|x| x as u32)
+            })
             .collect::<Option<_>>()
             .ok_or("\"input_ids\" must be a list of non-negative integers")?;
         let labels = match obj.get("labels") {
@@ -245,9 +283,16 @@ fn tokenize_record(v: &Value, tok: Option<&Tokenizer>, opts: &DataOptions) -> st
         if msgs.is_empty() {
             return Err("\"messages\" is empty".into());
         }
-        let last_assistant = msgs.iter().rposition(|m| m.role == "assistant").ok_or("no assistant message to train on")?;
-        let prompt = tok.apply_chat_template(&msgs[..last_assistant], true).map_err(|e| e.to_string())?;
-        let full = tok.apply_chat_template(&msgs[..=last_assistant], false).map_err(|e| e.to_string())?;
+        let last_assistant = msgs
+            .iter()
+            .rposition(|m| m.role == "assistant")
+            .ok_or("no assistant message to train on")?;
+        let prompt = tok
+            .apply_chat_template(&msgs[..last_assistant], true)
+            .map_err(|e| e.to_string())?;
+        let full = tok
+            .apply_chat_template(&msgs[..=last_assistant], false)
+            .map_err(|e| e.to_string())?;
         let p = enc(&prompt, false)?;
         let f = enc(&full, false)?;
         return Ok(masked(f, p.len(), opts.train_on_prompt, tok));
@@ -259,7 +304,13 @@ fn masked(ids: Vec<u32>, prompt_len: usize, train_on_prompt: bool, tok: &Tokeniz
     let labels: Vec<i64> = ids
         .iter()
         .enumerate()
-        .map(|(i, &t)| if i < prompt_len && !train_on_prompt { IGNORE_INDEX } else { t as i64 })
+        .map(|(i, &t)| {
+            if i < prompt_len && !train_on_prompt {
+                IGNORE_INDEX
+            } else {
+                t as i64
+            }
+        })
         .collect();
     with_eos(ids, Some(labels), tok)
 }
@@ -296,7 +347,8 @@ fn pad(records: &[Tokenized], seq_len: usize) -> Vec<Sequence> {
 
 /// Splits off the last `fraction` of sequences (at least one) for validation.
 pub fn split(mut seqs: Vec<Sequence>, fraction: f64) -> (Vec<Sequence>, Vec<Sequence>) {
-    let n_val = ((seqs.len() as f64 * fraction).ceil() as usize).clamp(1, seqs.len().saturating_sub(1).max(1));
+    let n_val = ((seqs.len() as f64 * fraction).ceil() as usize)
+        .clamp(1, seqs.len().saturating_sub(1).max(1));
     if seqs.len() < 2 {
         return (seqs, Vec::new());
     }

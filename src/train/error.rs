@@ -25,7 +25,9 @@ pub enum Error {
     #[error("invalid training settings:\n  {}", .0.join("\n  "))]
     Settings(Vec<String>),
     /// Occurs when the loss or a gradient becomes NaN or infinite.
-    #[error("step {step}: {what} is {value}; stopped. The last good checkpoint is {last_checkpoint}")]
+    #[error(
+        "step {step}: {what} is {value}; stopped. The last good checkpoint is {last_checkpoint}"
+    )]
     NonFinite {
         /// The optimizer step.
         step: usize,

@@ -67,12 +67,19 @@ impl AdamW {
     /// # Panics
     /// If `param` and `grad` lengths differ.
     pub fn update(&mut self, name: &str, param: &mut [f32], grad: &[f32], lr: f32) {
-        assert_eq!(param.len(), grad.len(), "{name}: parameter and gradient lengths");
+        assert_eq!(
+            param.len(),
+            grad.len(),
+            "{name}: parameter and gradient lengths"
+        );
         let o = self.opts;
-        let st = self.state.entry(name.to_string()).or_insert_with(|| Moments {
-            m: vec![0.0; param.len()],
-            v: vec![0.0; param.len()],
-        });
+        let st = self
+            .state
+            .entry(name.to_string())
+            .or_insert_with(|| Moments {
+                m: vec![0.0; param.len()],
+                v: vec![0.0; param.len()],
+            });
         let t = self.step as i32;
         let bc1 = 1.0 - o.beta1.powi(t);
         let bc2 = 1.0 - o.beta2.powi(t);
@@ -127,15 +134,18 @@ mod tests {
         let mut p = vec![1.0f32, -2.0];
         o.begin_step();
         o.update("p", &mut p, &[0.5, -1.0], 0.1);
-        assert!((p[0] - 0.899).abs() < 1e-5 && (p[1] + 1.898).abs() < 1e-5, "{p:?}");
+        assert!(
+            (p[0] - 0.899).abs() < 1e-5 && (p[1] + 1.898).abs() < 1e-5,
+            "{p:?}"
+        );
         o.begin_step();
         o.update("p", &mut p, &[0.25, 0.5], 0.1);
         // second step by hand: m=[0.425,-0.85]·… computed with the same formulas in f64
         let want0 = {
             let p1 = 0.899f64 * (1.0 - 0.001);
             let m = 0.9 * 0.05 + 0.1 * 0.25;
-            let v = 0.999 * 0.00025 + 0.001 * 0.0625;
-            let denom = (v as f64).sqrt() / (1.0f64 - 0.999f64.powi(2)).sqrt() + 1e-8;
+            let v: f64 = 0.999 * 0.00025 + 0.001 * 0.0625;
+            let denom = v.sqrt() / (1.0f64 - 0.999f64.powi(2)).sqrt() + 1e-8;
             p1 - 0.1 / (1.0 - 0.81) * m / denom
         };
         assert!((p[0] as f64 - want0).abs() < 1e-5, "{} vs {want0}", p[0]);

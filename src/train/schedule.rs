@@ -26,7 +26,9 @@ impl Schedule {
         match self {
             Schedule::Constant => base,
             Schedule::Linear => base * (1.0 - progress).max(0.0),
-            Schedule::Cosine => base * (0.5 * (1.0 + (std::f32::consts::PI * progress).cos())).max(0.0),
+            Schedule::Cosine => {
+                base * (0.5 * (1.0 + (std::f32::consts::PI * progress).cos())).max(0.0)
+            }
         }
     }
 }

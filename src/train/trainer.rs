@@ -164,7 +164,11 @@ pub fn quantize_options(cfg: &TrainConfig) -> QuantizeOptions {
 ///
 /// # Errors
 /// Adapter configuration errors.
-pub fn prepare_model(model: &mut Llama, cfg: &TrainConfig, base_name: &str) -> Result<Option<LoraConfig>> {
+pub fn prepare_model(
+    model: &mut Llama,
+    cfg: &TrainConfig,
+    base_name: &str,
+) -> Result<Option<LoraConfig>> {
     if cfg.mode == Mode::Full {
         model.train_embed_tokens = true;
         model.train_lm_head = true;
@@ -172,7 +176,10 @@ pub fn prepare_model(model: &mut Llama, cfg: &TrainConfig, base_name: &str) -> R
         for layer in &mut model.layers {
             layer.input_layernorm.train = true;
             layer.post_attention_layernorm.train = true;
-            for n in [&mut layer.self_attn.q_norm, &mut layer.self_attn.k_norm].into_iter().flatten() {
+            for n in [&mut layer.self_attn.q_norm, &mut layer.self_attn.k_norm]
+                .into_iter()
+                .flatten()
+            {
                 n.train = true;
             }
             for name in crate::model::llama::LINEAR_NAMES {
@@ -196,7 +203,8 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let (trainable, _) = model.parameter_counts();
     let c = &model.config;
     let mib = |b: f64| b / (1024.0 * 1024.0);
-    let mut weights = (model.embed_tokens.stored_bytes() + model.lm_head.as_ref().map_or(0, |h| h.stored_bytes())) as f64;
+    let mut weights = (model.embed_tokens.stored_bytes()
+        + model.lm_head.as_ref().map_or(0, |h| h.stored_bytes())) as f64;
     for l in &model.layers {
         for name in crate::model::llama::LINEAR_NAMES {
             weights += l.linear(name).weight.stored_bytes() as f64;
@@ -208,8 +216,13 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let q = (c.num_attention_heads * c.head_dim) as f64;
     let kv = (c.num_key_value_heads * c.head_dim) as f64;
     let probs = (cfg.batch_size * c.num_attention_heads * cfg.seq_len * cfg.seq_len) as f64;
-    let dropout_copies = if cfg.mode != Mode::Full && cfg.lora_dropout > 0.0 { n * (4.0 * d + q + 2.0 * f) } else { 0.0 };
-    let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + probs + 3.0 * n * f + dropout_copies);
+    let dropout_copies = if cfg.mode != Mode::Full && cfg.lora_dropout > 0.0 {
+        n * (4.0 * d + q + 2.0 * f)
+    } else {
+        0.0
+    };
+    let per_block =
+        4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + probs + 3.0 * n * f + dropout_copies);
     let layers = c.num_hidden_layers as f64;
     let head = 4.0 * (256.0 * c.vocab_size as f64 + 2.0 * n * d);
     let full = per_block * layers + head;
@@ -244,7 +257,10 @@ pub fn make_batch(seqs: &[Sequence], idx: &[usize]) -> (Vec<u32>, Vec<i64>) {
 /// Model errors.
 pub fn evaluate(model: &mut Llama, seqs: &[Sequence], batch_size: usize) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0usize);
-    for chunk in (0..seqs.len()).collect::<Vec<_>>().chunks(batch_size.max(1)) {
+    for chunk in (0..seqs.len())
+        .collect::<Vec<_>>()
+        .chunks(batch_size.max(1))
+    {
         let (ids, labels) = make_batch(seqs, chunk);
         let t = seqs[chunk[0]].input_ids.len();
         let (s, c) = model.loss(&ids, &labels, chunk.len(), t)?;
@@ -283,7 +299,11 @@ pub fn optimizer_step(
 ) -> Result<(f64, f64)> {
     let total_labels: usize = batches
         .iter()
-        .map(|(_, l, b, t)| (0..*b).map(|bi| (1..*t).filter(|&i| l[bi * t + i] != -100).count()).sum::<usize>())
+        .map(|(_, l, b, t)| {
+            (0..*b)
+                .map(|bi| (1..*t).filter(|&i| l[bi * t + i] != -100).count())
+                .sum::<usize>()
+        })
         .sum();
     let opts = StepOptions {
         gradient_checkpointing: cfg.checkpointing(),
@@ -309,7 +329,11 @@ pub fn optimizer_step(
         return Err(non_finite("loss".into(), loss));
     }
     if let Some((name, g)) = grads.iter().find(|(_, g)| g.iter().any(|v| !v.is_finite())) {
-        let v = g.iter().find(|v| !v.is_finite()).copied().unwrap_or(f32::NAN);
+        let v = g
+            .iter()
+            .find(|v| !v.is_finite())
+            .copied()
+            .unwrap_or(f32::NAN);
         return Err(non_finite(format!("gradient of {name}"), v as f64));
     }
     let norm = if cfg.max_grad_norm > 0.0 {
@@ -336,7 +360,9 @@ fn check_output(run: &TrainRun) -> Result<()> {
         )]));
     }
     if run.out.exists() && !run.resume && !run.overwrite {
-        let non_empty = std::fs::read_dir(&run.out).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let non_empty = std::fs::read_dir(&run.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         if non_empty {
             return Err(Error::Settings(vec![format!(
                 "--out {} is not empty; pass --overwrite to replace its contents or --resume to continue",
@@ -368,10 +394,16 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
     };
     let ds = data::load(&run.data, tokenizer.as_ref(), &dopts)?;
     for (line, msg) in &ds.skipped {
-        obs.event(Event::Message(&format!("skipped {}:{line}: {msg}", run.data.display())));
+        obs.event(Event::Message(&format!(
+            "skipped {}:{line}: {msg}",
+            run.data.display()
+        )));
     }
     let (train_seqs, eval_seqs) = match &run.eval_data {
-        Some(p) => (ds.sequences.clone(), data::load(p, tokenizer.as_ref(), &dopts)?.sequences),
+        Some(p) => (
+            ds.sequences.clone(),
+            data::load(p, tokenizer.as_ref(), &dopts)?.sequences,
+        ),
         None if cfg.eval_fraction > 0.0 => data::split(ds.sequences.clone(), cfg.eval_fraction),
         None => (ds.sequences.clone(), Vec::new()),
     };
@@ -383,7 +415,9 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
             cfg.seq_len
         )]));
     }
-    let total = cfg.max_steps.unwrap_or((cfg.epochs * (train_seqs.len() / per_step)).max(1));
+    let total = cfg
+        .max_steps
+        .unwrap_or((cfg.epochs * (train_seqs.len() / per_step)).max(1));
     let (mut model, lora) = build_model(&run.model_dir, cfg)?;
     if cfg.seq_len > model.config.max_position_embeddings {
         return Err(Error::Settings(vec![format!(
@@ -396,7 +430,11 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
         model.check_ids(&s.input_ids)?;
     }
     let (w, st, act_ck, act_full) = memory_estimate(&mut model, cfg);
-    let act = if cfg.checkpointing() { act_ck } else { act_full };
+    let act = if cfg.checkpointing() {
+        act_ck
+    } else {
+        act_full
+    };
     let est = w + st + act;
     let memory = format!(
         "memory estimate: weights {w:.0} MiB + trainable/grads/AdamW {st:.0} MiB + activations {act:.0} MiB ({}) = {est:.0} MiB",
@@ -411,7 +449,10 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
     }
     let trainable = model.trainable_summary();
     let (trainable_params, total_params) = model.parameter_counts();
-    std::fs::create_dir_all(&run.out).map_err(|source| crate::io::Error::Io { path: run.out.clone(), source })?;
+    std::fs::create_dir_all(&run.out).map_err(|source| crate::io::Error::Io {
+        path: run.out.clone(),
+        source,
+    })?;
     let mut opt = AdamW::new(AdamWOptions {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
@@ -426,12 +467,18 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
             if st.seed != cfg.seed {
                 return Err(Error::Checkpoint {
                     path: dir.display().to_string(),
-                    msg: format!("was written with seed {}, this run has seed {}", st.seed, cfg.seed),
+                    msg: format!(
+                        "was written with seed {}, this run has seed {}",
+                        st.seed, cfg.seed
+                    ),
                 });
             }
             first = st.step;
             last_ckpt = dir.display().to_string();
-            obs.event(Event::Message(&format!("resuming from {} (step {first})", dir.display())));
+            obs.event(Event::Message(&format!(
+                "resuming from {} (step {first})",
+                dir.display()
+            )));
         }
     }
     let metrics_path = run.out.join("metrics.jsonl");
@@ -439,7 +486,12 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
         std::fs::read_to_string(&metrics_path)
             .unwrap_or_default()
             .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= first))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= first)
+            })
             .map(String::from)
             .collect()
     } else {
@@ -458,21 +510,34 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
             }
         }
     }
-    let mut metrics = std::io::BufWriter::new(
-        std::fs::File::create(&metrics_path).map_err(|source| crate::io::Error::Io { path: metrics_path.clone(), source })?,
-    );
+    let mut metrics =
+        std::io::BufWriter::new(std::fs::File::create(&metrics_path).map_err(|source| {
+            crate::io::Error::Io {
+                path: metrics_path.clone(),
+                source,
+            }
+        })?);
     for l in &kept {
         let _ = writeln!(metrics, "{l}");
     }
     let initial_eval = if !eval_seqs.is_empty() && first == 0 {
         let e = evaluate(&mut model, &eval_seqs, cfg.batch_size)?;
         eval_curve.push((0, e));
-        let _ = writeln!(metrics, "{}", serde_json::json!({"step": 0, "eval_loss": e}));
+        let _ = writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": 0, "eval_loss": e})
+        );
         Some(e)
     } else {
         eval_curve.first().map(|e| e.1)
     };
-    obs.event(Event::Start { trainable: &trainable, memory: &memory, total, first });
+    obs.event(Event::Start {
+        trainable: &trainable,
+        memory: &memory,
+        total,
+        first,
+    });
     let n = train_seqs.len();
     let t_start = Instant::now();
     let mut step_times = Vec::new();
@@ -481,7 +546,11 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
     let tokens_per_step = (per_step * cfg.seq_len) as f64;
     for step in first..total {
         if INTERRUPTED.load(Ordering::SeqCst) {
-            let st = TrainerState { step, seed: cfg.seed, loss: final_loss };
+            let st = TrainerState {
+                step,
+                seed: cfg.seed,
+                loss: final_loss,
+            };
             let p = checkpoint::save(&run.out, &mut model, &opt, &st)?;
             obs.event(Event::Checkpoint(&p));
             interrupted = true;
@@ -500,27 +569,54 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
             batches.push((ids, labels, cfg.batch_size, cfg.seq_len));
         }
         let lr = cfg.schedule.lr(cfg.lr, step, cfg.warmup_steps, total);
-        let (loss, norm) = optimizer_step(&mut model, &mut opt, &batches, lr, cfg, step + 1, &last_ckpt)?;
+        let (loss, norm) = optimizer_step(
+            &mut model,
+            &mut opt,
+            &batches,
+            lr,
+            cfg,
+            step + 1,
+            &last_ckpt,
+        )?;
         let dt = t0.elapsed().as_secs_f64();
         step_times.push(dt);
         final_loss = loss;
         train_curve.push((step + 1, loss));
         let done = step + 1;
-        let eval_loss = if !eval_seqs.is_empty() && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total) {
+        let eval_loss = if !eval_seqs.is_empty()
+            && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total)
+        {
             let e = evaluate(&mut model, &eval_seqs, cfg.batch_size)?;
             eval_curve.push((done, e));
             Some(e)
         } else {
             None
         };
-        let report = StepReport { step: done, total, loss, lr, grad_norm: norm, tokens_per_s: tokens_per_step / dt, eval_loss };
-        if cfg.log_every > 0 && (done % cfg.log_every == 0 || eval_loss.is_some() || done == total) {
-            let _ = writeln!(metrics, "{}", serde_json::to_string(&report).unwrap_or_default());
+        let report = StepReport {
+            step: done,
+            total,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens_per_s: tokens_per_step / dt,
+            eval_loss,
+        };
+        if cfg.log_every > 0 && (done % cfg.log_every == 0 || eval_loss.is_some() || done == total)
+        {
+            let _ = writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&report).unwrap_or_default()
+            );
             let _ = metrics.flush();
         }
         obs.event(Event::Step(&report));
         if cfg.save_every > 0 && done % cfg.save_every == 0 && done < total {
-            let st = TrainerState { step: done, seed: cfg.seed, loss };
+            let st = TrainerState {
+                step: done,
+                seed: cfg.seed,
+                loss,
+            };
             let p = checkpoint::save(&run.out, &mut model, &opt, &st)?;
             last_ckpt = p.display().to_string();
             obs.event(Event::Checkpoint(&p));
@@ -548,7 +644,11 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
         peak_rss_mib: ops::peak_rss_mib(),
         train_seconds,
         step_seconds: median,
-        tokens_per_s: if median > 0.0 { tokens_per_step / median } else { 0.0 },
+        tokens_per_s: if median > 0.0 {
+            tokens_per_step / median
+        } else {
+            0.0
+        },
         train_curve,
         eval_curve,
         interrupted,
@@ -567,22 +667,46 @@ fn write_outputs(
     let out = &run.out;
     match lora {
         Some(l) => adapters::save_adapter(model, out, l)?,
-        None => crate::model::load::save(model, out, crate::model::load::SaveAs::Dense(crate::quant::Dtype::F32))?,
+        None => crate::model::load::save(
+            model,
+            out,
+            crate::model::load::SaveAs::Dense(crate::quant::Dtype::F32),
+        )?,
     }
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
         let src = run.model_dir.join(f);
         if src.exists() {
-            let text = std::fs::read_to_string(&src).map_err(|source| crate::io::Error::Io { path: src.clone(), source })?;
+            let text = std::fs::read_to_string(&src).map_err(|source| crate::io::Error::Io {
+                path: src.clone(),
+                source,
+            })?;
             crate::io::write_text(&out.join(f), &text)?;
         }
     }
     let toml = toml::to_string_pretty(&run.config).unwrap_or_default();
     crate::io::write_text(&out.join("train_config.toml"), &toml)?;
     let series = vec![
-        plot::Series { label: "train".into(), points: train_curve.iter().map(|&(s, l)| (s as f64, l)).collect() },
-        plot::Series { label: "eval".into(), points: eval_curve.iter().map(|&(s, l)| (s as f64, l)).collect() },
+        plot::Series {
+            label: "train".into(),
+            points: train_curve.iter().map(|&(s, l)| (s as f64, l)).collect(),
+        },
+        plot::Series {
+            label: "eval".into(),
+            points: eval_curve.iter().map(|&(s, l)| (s as f64, l)).collect(),
+        },
     ];
-    let svg = plot::svg(&format!("{} loss", run.config.mode.as_str()), "step", "loss", &series);
+    let svg = plot::svg(
+        &format!("{} loss", run.config.mode.as_str()),
+        "step",
+        "loss",
+        &series,
+    );
     crate::io::write_text(&out.join("loss.svg"), &svg)?;
     Ok(())
 }

@@ -131,7 +131,21 @@ impl Attention {
                 let qo = bi * tq * qs + hi * dh;
                 let ko = bi * tk * ks + g * dh;
                 let mut s = vec![0f32; tq * tk];
-                ops::gemm(tq, tk, dh, &mut s, tk, false, &q[qo..], qs, 1, &k[ko..], 1, ks, 1);
+                ops::gemm(
+                    tq,
+                    tk,
+                    dh,
+                    &mut s,
+                    tk,
+                    false,
+                    &q[qo..],
+                    qs,
+                    1,
+                    &k[ko..],
+                    1,
+                    ks,
+                    1,
+                );
                 for i in 0..tq {
                     let row = &mut s[i * tk..(i + 1) * tk];
                     let p = pos0 + i;
@@ -198,7 +212,14 @@ impl Attention {
     ///
     /// # Panics
     /// If a cache is given with `b != 1`.
-    pub fn forward(&self, x: &[f32], b: usize, t: usize, rope: &Rope, cache: Option<&mut KvCache>) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        cache: Option<&mut KvCache>,
+    ) -> Vec<f32> {
         let n = b * t;
         let Dims { h, hkv, dh } = self.dims();
         let (mut q, mut k, v, _) = self.project_qkv(x, n, &mut Rng::new(0), false);
@@ -223,7 +244,14 @@ impl Attention {
     }
 
     /// Training forward.
-    pub fn forward_train(&self, x: &[f32], b: usize, t: usize, rope: &Rope, rng: &mut Rng) -> (Vec<f32>, AttentionSaved) {
+    pub fn forward_train(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        rng: &mut Rng,
+    ) -> (Vec<f32>, AttentionSaved) {
         let n = b * t;
         let Dims { h, hkv, .. } = self.dims();
         let (mut q, mut k, v, lin) = self.project_qkv(x, n, rng, true);
@@ -262,8 +290,27 @@ impl Attention {
     }
 
     /// Backward: `dx` (N, D) and gradients. `x` is the input given to `forward_train`.
-    pub fn backward(&self, saved: AttentionSaved, x: &[f32], dy: &[f32], rope: &Rope) -> (Vec<f32>, AttentionGrads) {
-        let AttentionSaved { q_lin, k_lin, v_lin, o_lin, qk_norm, q, k, v, probs, ctx, b, t } = saved;
+    pub fn backward(
+        &self,
+        saved: AttentionSaved,
+        x: &[f32],
+        dy: &[f32],
+        rope: &Rope,
+    ) -> (Vec<f32>, AttentionGrads) {
+        let AttentionSaved {
+            q_lin,
+            k_lin,
+            v_lin,
+            o_lin,
+            qk_norm,
+            q,
+            k,
+            v,
+            probs,
+            ctx,
+            b,
+            t,
+        } = saved;
         let n = b * t;
         let Dims { h, hkv, dh } = self.dims();
         let group = h / hkv;
@@ -287,7 +334,21 @@ impl Attention {
                     // dV += Pᵀ·dO
                     ops::gemm(t, dh, t, &mut dv, dh, true, p, 1, t, &dctx[qo..], qs, 1, 1);
                     // dP = dO·Vᵀ
-                    ops::gemm(t, t, dh, &mut dp, t, false, &dctx[qo..], qs, 1, &v[ko..], 1, ks, 1);
+                    ops::gemm(
+                        t,
+                        t,
+                        dh,
+                        &mut dp,
+                        t,
+                        false,
+                        &dctx[qo..],
+                        qs,
+                        1,
+                        &v[ko..],
+                        1,
+                        ks,
+                        1,
+                    );
                     for i in 0..t {
                         let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
                         let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
@@ -311,8 +372,10 @@ impl Attention {
             let (bi, g) = (bg / hkv, bg % hkv);
             for i in 0..t {
                 let row = bi * t + i;
-                dk[row * ks + g * dh..row * ks + (g + 1) * dh].copy_from_slice(&pk[i * dh..(i + 1) * dh]);
-                dv[row * ks + g * dh..row * ks + (g + 1) * dh].copy_from_slice(&pv[i * dh..(i + 1) * dh]);
+                dk[row * ks + g * dh..row * ks + (g + 1) * dh]
+                    .copy_from_slice(&pk[i * dh..(i + 1) * dh]);
+                dv[row * ks + g * dh..row * ks + (g + 1) * dh]
+                    .copy_from_slice(&pv[i * dh..(i + 1) * dh]);
                 for gi in 0..group {
                     let hi = g * group + gi;
                     dq[row * qs + hi * dh..row * qs + (hi + 1) * dh]
@@ -326,7 +389,9 @@ impl Attention {
             o_proj: o_grads,
             ..Default::default()
         };
-        if let (Some((pre_q, sq, pre_k, sk)), Some(qn), Some(kn)) = (qk_norm, &self.q_norm, &self.k_norm) {
+        if let (Some((pre_q, sq, pre_k, sk)), Some(qn), Some(kn)) =
+            (qk_norm, &self.q_norm, &self.k_norm)
+        {
             let (a, ga) = qn.backward(sq, &pre_q, &dq);
             let (c, gc) = kn.backward(sk, &pre_k, &dk);
             dq = a;

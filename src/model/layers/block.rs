@@ -71,15 +71,33 @@ pub struct BlockGrads {
 
 impl Block {
     /// Inference, optionally extending a KV cache.
-    pub fn forward(&self, x: &[f32], b: usize, t: usize, rope: &Rope, cache: Option<&mut KvCache>) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        cache: Option<&mut KvCache>,
+    ) -> Vec<f32> {
         let n = b * t;
-        let a = self.self_attn.forward(&self.input_layernorm.forward(x), b, t, rope, cache);
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), b, t, rope, cache);
         let h: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
-        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), n);
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h), n);
         h.iter().zip(&m).map(|(p, q)| p + q).collect()
     }
 
-    fn forward_full(&self, x: Vec<f32>, b: usize, t: usize, rope: &Rope, rng: &mut Rng) -> (Vec<f32>, FullSaved) {
+    fn forward_full(
+        &self,
+        x: Vec<f32>,
+        b: usize,
+        t: usize,
+        rope: &Rope,
+        rng: &mut Rng,
+    ) -> (Vec<f32>, FullSaved) {
         let n = b * t;
         let (a_in, n1) = self.input_layernorm.forward_train(&x);
         let (a, attn) = self.self_attn.forward_train(&a_in, b, t, rope, rng);
@@ -87,7 +105,20 @@ impl Block {
         let (m_in, n2) = self.post_attention_layernorm.forward_train(&h);
         let (m, mlp) = self.mlp.forward_train(&m_in, n, rng);
         let y = h.iter().zip(&m).map(|(p, q)| p + q).collect();
-        (y, FullSaved { x, n1, a_in, attn, h, n2, m_in, mlp, n })
+        (
+            y,
+            FullSaved {
+                x,
+                n1,
+                a_in,
+                attn,
+                h,
+                n2,
+                m_in,
+                mlp,
+                n,
+            },
+        )
     }
 
     /// Training forward; with `checkpoint` only the input and RNG are kept.
@@ -103,7 +134,15 @@ impl Block {
         let mut r = rng.clone();
         let (y, full) = self.forward_full(x, b, t, rope, &mut r);
         if checkpoint {
-            (y, BlockSaved::Checkpointed { x: full.x, rng, b, t })
+            (
+                y,
+                BlockSaved::Checkpointed {
+                    x: full.x,
+                    rng,
+                    b,
+                    t,
+                },
+            )
         } else {
             (y, BlockSaved::Full(Box::new(full)))
         }
@@ -113,9 +152,21 @@ impl Block {
     pub fn backward(&self, saved: BlockSaved, dy: &[f32], rope: &Rope) -> (Vec<f32>, BlockGrads) {
         let full = match saved {
             BlockSaved::Full(f) => *f,
-            BlockSaved::Checkpointed { x, mut rng, b, t } => self.forward_full(x, b, t, rope, &mut rng).1,
+            BlockSaved::Checkpointed { x, mut rng, b, t } => {
+                self.forward_full(x, b, t, rope, &mut rng).1
+            }
         };
-        let FullSaved { x, n1, a_in, attn, h, n2, m_in, mlp, n } = full;
+        let FullSaved {
+            x,
+            n1,
+            a_in,
+            attn,
+            h,
+            n2,
+            m_in,
+            mlp,
+            n,
+        } = full;
         let (dm_in, g_mlp) = self.mlp.backward(mlp, &m_in, dy, n);
         drop(m_in);
         let (dh_norm, g_n2) = self.post_attention_layernorm.backward(n2, &h, &dm_in);

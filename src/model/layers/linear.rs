@@ -149,13 +149,20 @@ mod tests {
         let (out, inp, n) = (3, 4, 2);
         let mut rng = Rng::new(3);
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal()).collect();
-        let mut l = Linear::new(BaseWeight::Dense { w, out, inp }, Some(vec![0.1, -0.2, 0.3]));
+        let mut l = Linear::new(
+            BaseWeight::Dense { w, out, inp },
+            Some(vec![0.1, -0.2, 0.3]),
+        );
         l.train_weight = true;
         l.train_bias = true;
         let x: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();
         let c: Vec<f32> = (0..n * out).map(|i| i as f32 - 2.0).collect();
         let loss = |l: &Linear, x: &[f32]| -> f64 {
-            l.forward(x, n).iter().zip(&c).map(|(y, c)| (y * c) as f64).sum()
+            l.forward(x, n)
+                .iter()
+                .zip(&c)
+                .map(|(y, c)| (y * c) as f64)
+                .sum()
         };
         let (y, saved) = l.forward_train(&x, n, &mut Rng::new(0));
         assert_eq!(y, l.forward(&x, n));

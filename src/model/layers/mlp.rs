@@ -64,12 +64,35 @@ impl Mlp {
         let (u, up) = self.up_proj.forward_train(x, n, rng);
         let h: Vec<f32> = g.iter().zip(&u).map(|(a, b)| silu(*a) * b).collect();
         let (y, down) = self.down_proj.forward_train(&h, n, rng);
-        (y, MlpSaved { gate, up, down, g, u, h })
+        (
+            y,
+            MlpSaved {
+                gate,
+                up,
+                down,
+                g,
+                u,
+                h,
+            },
+        )
     }
 
     /// Backward: `dx` and gradients. `x` is the input given to `forward_train`.
-    pub fn backward(&self, saved: MlpSaved, x: &[f32], dy: &[f32], n: usize) -> (Vec<f32>, MlpGrads) {
-        let MlpSaved { gate, up, down, g, u, h } = saved;
+    pub fn backward(
+        &self,
+        saved: MlpSaved,
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+    ) -> (Vec<f32>, MlpGrads) {
+        let MlpSaved {
+            gate,
+            up,
+            down,
+            g,
+            u,
+            h,
+        } = saved;
         let (dh, gd) = self.down_proj.backward(down, &h, dy, n);
         drop(h);
         let mut dg = vec![0f32; g.len()];

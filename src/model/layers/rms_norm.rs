@@ -56,7 +56,12 @@ impl RmsNorm {
     }
 
     /// Backward: `dx` and `dw` (when the weight trains).
-    pub fn backward(&self, saved: RmsNormSaved, x: &[f32], dy: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+    pub fn backward(
+        &self,
+        saved: RmsNormSaved,
+        x: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
         let d = self.weight.len();
         let mut dx = vec![0f32; x.len()];
         let mut dw = self.train.then(|| vec![0f32; d]);
@@ -98,7 +103,11 @@ mod tests {
         let x: Vec<f32> = (0..3 * d).map(|_| rng.normal()).collect();
         let c: Vec<f32> = (0..3 * d).map(|_| rng.normal()).collect();
         let loss = |n: &RmsNorm, x: &[f32]| -> f64 {
-            n.forward(x).iter().zip(&c).map(|(a, b)| (a * b) as f64).sum()
+            n.forward(x)
+                .iter()
+                .zip(&c)
+                .map(|(a, b)| (a * b) as f64)
+                .sum()
         };
         let (_, s) = n.forward_train(&x);
         let (dx, dw) = n.backward(s, &x, &c);
@@ -109,7 +118,11 @@ mod tests {
             let lp = loss(&n, &p);
             p[i] -= 2.0 * h;
             let num = (lp - loss(&n, &p)) / (2.0 * h as f64);
-            assert!((num - dx[i] as f64).abs() < 1e-2, "dx[{i}] {num} vs {}", dx[i]);
+            assert!(
+                (num - dx[i] as f64).abs() < 1e-2,
+                "dx[{i}] {num} vs {}",
+                dx[i]
+            );
         }
         let dw = dw.unwrap();
         for i in 0..d {

@@ -38,9 +38,10 @@ impl Rope {
                 for f in inv_freq.iter_mut() {
                     let wl = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wl > low_wl { *f / factor } else { *f };
-                    let medium = !(wl < high_wl) && !(wl > low_wl);
+                    let medium = wl >= high_wl && wl <= low_wl;
                     *f = if medium {
-                        let smooth = (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth =
+                            (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
                     } else {
                         scaled

@@ -1,0 +1,365 @@
+//! Benchmarks that print figures (never asserted): quantization kernels (GB/s, GFLOP/s next to
+//! the dense f32 matmul of the same shape), one adapted Linear's forward+backward in the five
+//! flavours, and whole training steps (tokens/s, MFU against the matmul ceiling measured in the
+//! same process, peak memory). `qdora bench` and `benches/` both call these.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::adapter::{AdapterKind, BaseWeight, InitLoraWeights, LoraAdapter};
+use crate::model::layers::Linear;
+use crate::model::{random, Llama, StepOptions};
+use crate::ops::{self, Rng};
+use crate::quant::{Dtype, QuantizeOptions, QuantizedWeight};
+use crate::train::optim::{AdamW, AdamWOptions};
+use crate::train::trainer::{build_model, optimizer_step, prepare_model};
+use crate::train::{Mode, TrainConfig};
+
+fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal()).collect()
+}
+
+/// One line of the quantization benchmark.
+#[derive(Debug, Serialize)]
+pub struct QuantLine {
+    /// What was measured.
+    pub op: String,
+    /// Shape description.
+    pub shape: String,
+    /// Seconds (best of 3).
+    pub seconds: f64,
+    /// GB/s of f32 data (quantize: input, dequantize: output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gb_per_s: Option<f64>,
+    /// GFLOP/s (matmuls).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    /// 4-bit matmul GFLOP/s divided by the dense f32 one of the same shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_dense: Option<f64>,
+}
+
+/// Quantization kernels: quantize / dequantize throughput and the fused 4-bit matmuls next to
+/// dense f32 matmuls of the same shapes ([M×4096]·[N×4096]ᵀ, N = 4096 and 11008, M = 512).
+pub fn quant(quick: bool) -> Vec<QuantLine> {
+    let (m, k) = if quick { (128, 1024) } else { (512, 4096) };
+    let ns: Vec<usize> = if quick {
+        vec![1024, 2752]
+    } else {
+        vec![4096, 11008]
+    };
+    let mut out = Vec::new();
+    let w = data(k * k, 1);
+    let bytes = (k * k * 4) as f64;
+    let opts = QuantizeOptions::default();
+    let mut q = None;
+    let t = best_of(3, || {
+        q = Some(QuantizedWeight::quantize(&w, &[k, k], Dtype::F32, opts).expect("valid options"))
+    });
+    let q = q.expect("quantized");
+    out.push(QuantLine {
+        op: "quantize nf4+dq".into(),
+        shape: format!("{k}x{k}"),
+        seconds: t,
+        gb_per_s: Some(bytes / t / 1e9),
+        gflops: None,
+        vs_dense: None,
+    });
+    let mut sink = 0f32;
+    let t = best_of(3, || sink += q.dequantize()[7]);
+    out.push(QuantLine {
+        op: "dequantize -> f32 (fresh allocation)".into(),
+        shape: format!("{k}x{k}"),
+        seconds: t,
+        gb_per_s: Some(bytes / t / 1e9),
+        gflops: None,
+        vs_dense: None,
+    });
+    let mut buf = vec![0f32; k * k];
+    let t = best_of(5, || q.dequantize_rows(0, k, &mut buf));
+    out.push(QuantLine {
+        op: "dequantize -> f32".into(),
+        shape: format!("{k}x{k}"),
+        seconds: t,
+        gb_per_s: Some(bytes / t / 1e9),
+        gflops: None,
+        vs_dense: None,
+    });
+    let t = best_of(3, || sink += q.dequantize_bf16()[7] as f32);
+    out.push(QuantLine {
+        op: "dequantize -> bf16".into(),
+        shape: format!("{k}x{k}"),
+        seconds: t,
+        gb_per_s: Some(bytes / 2.0 / t / 1e9),
+        gflops: None,
+        vs_dense: None,
+    });
+    let x = data(m * k, 2);
+    for &n in &ns {
+        let wd = data(n * k, 3);
+        let qw = QuantizedWeight::quantize(&wd, &[n, k], Dtype::F32, opts).expect("valid options");
+        let flops = 2.0 * (m * n * k) as f64;
+        let shape = format!("[{m}x{k}]·[{n}x{k}]ᵀ");
+        let td = best_of(3, || sink += ops::matmul_nt(&x, m, &wd, n, k)[0]);
+        let mut y = vec![0f32; m * n];
+        let tq = best_of(3, || qw.matmul_t(&x, m, &mut y));
+        out.push(QuantLine {
+            op: "matmul f32 y=x·Wᵀ".into(),
+            shape: shape.clone(),
+            seconds: td,
+            gb_per_s: None,
+            gflops: Some(flops / td / 1e9),
+            vs_dense: None,
+        });
+        out.push(QuantLine {
+            op: "matmul nf4 y=x·Wᵀ".into(),
+            shape: shape.clone(),
+            seconds: tq,
+            gb_per_s: None,
+            gflops: Some(flops / tq / 1e9),
+            vs_dense: Some(td / tq),
+        });
+        let dy = data(m * n, 4);
+        let mut dx = vec![0f32; m * k];
+        let td = best_of(3, || ops::matmul_nn_into(&dy, m, &wd, n, k, &mut dx, false));
+        let tq = best_of(3, || qw.matmul(&dy, m, &mut dx));
+        out.push(QuantLine {
+            op: "matmul f32 dx=dy·W".into(),
+            shape: shape.clone(),
+            seconds: td,
+            gb_per_s: None,
+            gflops: Some(flops / td / 1e9),
+            vs_dense: None,
+        });
+        out.push(QuantLine {
+            op: "matmul nf4 dx=dy·W".into(),
+            shape,
+            seconds: tq,
+            gb_per_s: None,
+            gflops: Some(flops / tq / 1e9),
+            vs_dense: Some(td / tq),
+        });
+    }
+    std::hint::black_box(sink);
+    out
+}
+
+/// One line of the layer benchmark.
+#[derive(Debug, Serialize)]
+pub struct LayerLine {
+    /// dense | lora | dora | qlora | qdora.
+    pub kind: String,
+    /// out × in.
+    pub shape: String,
+    /// Tokens.
+    pub tokens: usize,
+    /// Forward + backward seconds (best of 3).
+    pub fwd_bwd_s: f64,
+    /// Relative to LoRA on the same base (dense or 4-bit).
+    pub vs_lora: f64,
+}
+
+/// Forward + backward of one Linear (out × in) on `tokens` rows: frozen base alone, LoRA, DoRA,
+/// QLoRA, QDoRA (r = 8).
+pub fn layers(quick: bool, dropout: f32) -> Vec<LayerLine> {
+    let tokens = if quick { 128 } else { 512 };
+    let shapes: Vec<(usize, usize)> = if quick {
+        vec![(1024, 1024), (2752, 1024)]
+    } else {
+        vec![(4096, 4096), (11008, 4096)]
+    };
+    let mut out = Vec::new();
+    for (o, i) in shapes {
+        let w = data(o * i, 5);
+        let x = data(tokens * i, 6);
+        let dy = data(tokens * o, 7);
+        let q = QuantizedWeight::quantize(&w, &[o, i], Dtype::F32, QuantizeOptions::default())
+            .expect("valid options");
+        let dense = BaseWeight::Dense { w, out: o, inp: i };
+        let quant = BaseWeight::Quant(q);
+        let mut times = Vec::new();
+        for (name, base, kind) in [
+            ("dense", &dense, None),
+            ("lora", &dense, Some(AdapterKind::Lora)),
+            ("dora", &dense, Some(AdapterKind::Dora)),
+            ("qlora", &quant, Some(AdapterKind::Lora)),
+            ("qdora", &quant, Some(AdapterKind::Dora)),
+        ] {
+            let mut l = Linear::new(base.clone(), None);
+            l.adapter = kind.map(|k| {
+                LoraAdapter::new(
+                    base,
+                    k,
+                    8,
+                    4.0,
+                    dropout,
+                    InitLoraWeights::Random,
+                    &mut Rng::new(1),
+                )
+            });
+            let t = best_of(3, || {
+                let (_, s) = l.forward_train(&x, tokens, &mut Rng::new(2));
+                std::hint::black_box(l.backward(s, &x, &dy, tokens));
+            });
+            times.push((name, t));
+        }
+        let lora = times[1].1;
+        let qlora = times[3].1;
+        for (name, t) in times {
+            let base = if name.starts_with('q') { qlora } else { lora };
+            out.push(LayerLine {
+                kind: name.into(),
+                shape: format!("{o}x{i}"),
+                tokens,
+                fwd_bwd_s: t,
+                vs_lora: t / base,
+            });
+        }
+    }
+    out
+}
+
+/// The JSON line of one training benchmark run.
+#[derive(Debug, Serialize)]
+pub struct TrainLine {
+    /// Mode.
+    pub mode: String,
+    /// Preset name or model folder.
+    pub preset: String,
+    /// N: parameters of all matmuls including the LM head.
+    pub params_matmul: usize,
+    /// T: tokens per optimizer step.
+    pub tokens_per_step: usize,
+    /// Median seconds per step after warm-up.
+    pub step_s: f64,
+    /// T / step_s.
+    pub tokens_per_s: f64,
+    /// Model FLOPs per second (4NT or 6NT, plus attention; recomputation not counted).
+    pub gflops: f64,
+    /// f32 matmul GFLOP/s (2048³) measured just before, in this process.
+    pub ceiling_gflops: f64,
+    /// gflops / ceiling_gflops.
+    pub mfu: f64,
+    /// Peak resident memory of the process.
+    pub peak_rss_mib: f64,
+    /// Activation checkpointing on.
+    pub gradient_checkpointing: bool,
+    /// Batch × sequence.
+    pub batch: String,
+    /// Mean loss of the last step (sanity).
+    pub loss: f64,
+}
+
+/// Settings of [`train_step`].
+#[derive(Debug, Clone)]
+pub struct TrainBenchOptions {
+    /// Preset name (random weights) or a model folder.
+    pub source: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Activation checkpointing.
+    pub gradient_checkpointing: bool,
+    /// LoRA dropout.
+    pub lora_dropout: f64,
+}
+
+/// Real training steps (the `qdora train` code path) on synthetic token ids.
+///
+/// # Errors
+/// Unknown preset / unloadable model, or training errors.
+pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
+    let cfg = TrainConfig {
+        mode: o.mode,
+        lora_dropout: o.lora_dropout,
+        batch_size: o.batch_size,
+        seq_len: o.seq_len,
+        gradient_checkpointing: Some(o.gradient_checkpointing),
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let ceiling = ops::matmul_ceiling_gflops(2048, 3);
+    let mut model: Llama = match random::preset(&o.source) {
+        Some(c) => {
+            let q = o
+                .mode
+                .quantized()
+                .then(|| crate::train::trainer::quantize_options(&cfg));
+            let mut m = random::random_model(c, q, 0);
+            prepare_model(&mut m, &cfg, &o.source)?;
+            m
+        }
+        None => build_model(std::path::Path::new(&o.source), &cfg)?.0,
+    };
+    model.ensure_positions(o.seq_len);
+    let c = model.config.clone();
+    let n_params = c.matmul_params();
+    let t = o.batch_size * o.seq_len;
+    let mut rng = Rng::new(9);
+    let ids: Vec<u32> = (0..t)
+        .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    let batches = vec![(ids, labels, o.batch_size, o.seq_len)];
+    let mut opt = AdamW::new(AdamWOptions::default());
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for s in 0..o.steps + 1 {
+        let t0 = Instant::now();
+        loss = optimizer_step(&mut model, &mut opt, &batches, 1e-4, &cfg, s + 1, "none")?.0;
+        if s > 0 || o.steps == 1 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        if o.steps == 1 && s == 0 {
+            break;
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let step_s = times[times.len() / 2];
+    let per_token = if o.mode == Mode::Full { 6.0 } else { 4.0 };
+    let attn = 12.0
+        * (o.batch_size
+            * c.num_attention_heads
+            * o.seq_len
+            * o.seq_len
+            * c.head_dim
+            * c.num_hidden_layers) as f64;
+    let flops = per_token * n_params as f64 * t as f64 + attn;
+    let gflops = flops / step_s / 1e9;
+    let _ = StepOptions {
+        gradient_checkpointing: false,
+        grad_scale: 1.0,
+    };
+    Ok(TrainLine {
+        mode: o.mode.as_str().into(),
+        preset: o.source.clone(),
+        params_matmul: n_params,
+        tokens_per_step: t,
+        step_s,
+        tokens_per_s: t as f64 / step_s,
+        gflops,
+        ceiling_gflops: ceiling,
+        mfu: gflops / ceiling,
+        peak_rss_mib: ops::peak_rss_mib(),
+        gradient_checkpointing: o.gradient_checkpointing,
+        batch: format!("{}x{}", o.batch_size, o.seq_len),
+        loss,
+    })
+}
