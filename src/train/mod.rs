@@ -2,6 +2,7 @@
 //! loop that runs all five modes (full, LoRA, QLoRA, DoRA, QDoRA) with one engine.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod error;

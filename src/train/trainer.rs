@@ -99,7 +99,7 @@ impl Observer for Quiet {
 }
 
 /// What a run achieved.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainSummary {
     /// Mode.
     pub mode: String,
@@ -135,18 +135,33 @@ pub struct TrainSummary {
     pub skipped_records: usize,
 }
 
-/// Loads the model for `cfg.mode` and makes its trainable parts trainable; returns the PEFT
-/// config for adapter modes.
+/// Prefix of a model "path" that names a random-initialised preset (`preset:llama-tiny-512`).
+pub const PRESET_PREFIX: &str = "preset:";
+
+/// Loads the model for `cfg.mode` (a folder, or `preset:<name>` for random weights) and makes
+/// its trainable parts trainable; returns the PEFT config for adapter modes.
 ///
 /// # Errors
-/// Model loading and adapter errors.
+/// Model loading and adapter errors; an unknown preset.
 pub fn build_model(model_dir: &Path, cfg: &TrainConfig) -> Result<(Llama, Option<LoraConfig>)> {
     let storage = if cfg.mode.quantized() {
         BaseStorage::Quantize(quantize_options(cfg))
     } else {
         BaseStorage::Dense
     };
-    let mut model = load(model_dir, &LoadOptions { storage })?;
+    let preset = model_dir.to_str().and_then(|s| s.strip_prefix(PRESET_PREFIX));
+    let mut model = match preset {
+        Some(name) => {
+            let c = crate::model::random::preset(name).ok_or_else(|| {
+                Error::Settings(vec![format!(
+                    "unknown preset {name:?} (known: llama-tiny-512, llama-small-1024, llama2-7b)"
+                )])
+            })?;
+            let q = cfg.mode.quantized().then(|| quantize_options(cfg));
+            crate::model::random::random_model(c, q, cfg.seed)
+        }
+        None => load(model_dir, &LoadOptions { storage })?,
+    };
     let lora = prepare_model(&mut model, cfg, &model_dir.display().to_string())?;
     Ok((model, lora))
 }
@@ -628,11 +643,12 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
     if !interrupted {
         write_outputs(run, &mut model, lora.as_ref(), &train_curve, &eval_curve)?;
     }
+    drop(model);
     let mut sorted = step_times.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let weight_bytes = (w * 1024.0 * 1024.0) as usize;
-    Ok(TrainSummary {
+    let summary = TrainSummary {
         mode: cfg.mode.as_str().into(),
         steps: first + step_times.len(),
         trainable_params,
@@ -653,7 +669,10 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
         eval_curve,
         interrupted,
         skipped_records: ds.skipped.len(),
-    })
+    };
+    let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+    crate::io::write_text(&run.out.join("summary.json"), &json)?;
+    Ok(summary)
 }
 
 /// Writes the final adapter or model, tokenizer files, resolved config and loss plot.
