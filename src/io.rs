@@ -141,9 +141,25 @@ impl RawTensor<'_> {
     }
 }
 
+/// The bytes of a shard: memory-mapped from a file, or owned (parsed from memory).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     data_start: usize,
     tensors: HashMap<String, (StDtype, Vec<usize>, usize, usize)>,
 }
@@ -224,6 +240,20 @@ impl Checkpoint {
         })
     }
 
+    /// Parses a safetensors file held in memory (`name` is used in messages).
+    ///
+    /// # Errors
+    /// [`Error::Format`] for anything malformed.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let shard = parse_shard(Path::new(name), Bytes::Owned(bytes))?;
+        let index = shard.tensors.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Self {
+            root: PathBuf::from(name),
+            shards: vec![shard],
+            index,
+        })
+    }
+
     /// The folder or file this checkpoint was opened from.
     pub fn root(&self) -> &Path {
         &self.root
@@ -272,6 +302,10 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // SAFETY: the file is opened read-only; we never write through the map. Another process
     // truncating it while mapped is outside what any checkpoint reader can defend against.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+    parse_shard(path, Bytes::Mapped(mmap))
+}
+
+fn parse_shard(path: &Path, mmap: Bytes) -> Result<Shard> {
     let fmt = |msg: String| Error::Format {
         path: path.to_path_buf(),
         msg,

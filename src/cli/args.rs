@@ -164,6 +164,9 @@ pub struct TrainArgs {
     /// Tokens to generate for --sample-prompt.
     #[arg(long, default_value_t = 120)]
     pub sample_tokens: usize,
+    /// Temperature of the sample (0 = greedy; top-k 40 otherwise).
+    #[arg(long, default_value_t = 0.8)]
+    pub sample_temperature: f32,
 }
 
 /// `qdora generate`.

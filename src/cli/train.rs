@@ -61,7 +61,24 @@ impl Observer for Bar {
     }
 }
 
-/// Resolves settings: defaults < TOML file < flags.
+/// Settings of the bundled demo (no --model, --data or --config): QDoRA on stories260K with
+/// tinyshakespeare, sized to finish in about a minute on two cores.
+pub fn demo_config() -> TrainConfig {
+    TrainConfig {
+        lr: 3e-3,
+        max_steps: Some(150),
+        batch_size: 8,
+        seq_len: 256,
+        eval_every: 25,
+        ..TrainConfig::default()
+    }
+}
+
+fn is_demo(a: &TrainArgs) -> bool {
+    a.model.is_none() && a.data.is_none() && a.config.is_none()
+}
+
+/// Resolves settings: defaults (or the demo's) < TOML file < flags.
 fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     let mut c = match &a.config {
         Some(p) => {
@@ -70,6 +87,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
             toml::from_str::<TrainConfig>(&text)
                 .with_context(|| format!("parsing {}", p.display()))?
         }
+        None if is_demo(a) => demo_config(),
         None => TrainConfig::default(),
     };
     if let Some(m) = &a.mode {
@@ -137,6 +155,16 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
 /// Runs `qdora train`.
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let config = resolve(&a)?;
+    let demo = is_demo(&a);
+    if demo {
+        eprintln!(
+            "no --model/--data: QDoRA demo on the bundled stories260K with tinyshakespeare (lr {}, {} steps, batch {} x {})",
+            config.lr,
+            config.max_steps.unwrap_or(0),
+            config.batch_size,
+            config.seq_len
+        );
+    }
     let model_dir = super::model_dir(a.model.clone())?;
     let data = match &a.data {
         Some(d) => d.clone(),
@@ -188,7 +216,8 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         _ => println!("final train loss {:.4}", s.final_train_loss),
     }
     println!("wrote {}", a.out.display());
-    if let Some(prompt) = &a.sample_prompt {
+    let sample = a.sample_prompt.clone().or_else(|| demo.then(|| "ROMEO:".to_string()));
+    if let Some(prompt) = &sample {
         let is_full = run.config.mode == Mode::Full;
         let gen = super::args::GenerateArgs {
             model: super::args::ModelArgs {
@@ -198,10 +227,10 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
             prompt: prompt.clone(),
             chat: false,
             max_new_tokens: a.sample_tokens,
-            temperature: 0.0,
-            top_k: 0,
+            temperature: a.sample_temperature,
+            top_k: 40,
             top_p: 1.0,
-            seed: 0,
+            seed: run.config.seed,
         };
         println!("--- sample ---");
         super::infer::generate(gen)?;

@@ -94,6 +94,26 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from `tokenizer.json` bytes alone (no special-token config).
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`].
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer {
+            path: "<memory>".into(),
+            msg: e.to_string(),
+        })?;
+        Ok(Self {
+            inner,
+            bos_token: None,
+            eos_token: None,
+            eos_token_id: None,
+            bos_token_id: None,
+            chat_template: None,
+            path: "<memory>".into(),
+        })
+    }
+
     /// Encodes text; `add_special` applies the post-processor (e.g. BOS).
     ///
     /// # Errors

@@ -83,6 +83,14 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
         path: path.display().to_string(),
         msg: e.to_string(),
     })?;
+    parse(path, bytes, tokenizer, opts)
+}
+
+/// Parses data already in memory; `path` gives the format (by extension) and names errors.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(path: &Path, bytes: Vec<u8>, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> Result<Dataset> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

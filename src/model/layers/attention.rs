@@ -151,21 +151,9 @@ impl Attention {
                     let p = pos0 + i;
                     let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
                     let hi_ = (p + 1).min(tk);
-                    let mut mx = f32::NEG_INFINITY;
-                    for v in &row[lo..hi_] {
-                        mx = mx.max(*v * scale);
-                    }
-                    let mut sum = 0f32;
-                    for (j, v) in row.iter_mut().enumerate() {
-                        if j < lo || j >= hi_ {
-                            *v = 0.0;
-                        } else {
-                            *v = (*v * scale - mx).exp();
-                            sum += *v;
-                        }
-                    }
-                    let inv = 1.0 / sum;
-                    row[lo..hi_].iter_mut().for_each(|v| *v *= inv);
+                    row[..lo].fill(0.0);
+                    row[hi_..].fill(0.0);
+                    ops::softmax_scaled(&mut row[lo..hi_], scale);
                 }
                 let mut o = vec![0f32; tq * dh];
                 ops::gemm(tq, dh, tk, &mut o, dh, false, &s, tk, 1, &v[ko..], ks, 1, 1);
@@ -351,7 +339,7 @@ impl Attention {
                     );
                     for i in 0..t {
                         let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        let dot = ops::dot(pr, dr);
                         for (d, &pp) in dr.iter_mut().zip(pr) {
                             *d = pp * (*d - dot) * scale;
                         }

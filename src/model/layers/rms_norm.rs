@@ -31,7 +31,7 @@ impl RmsNorm {
     }
 
     fn rstd(&self, row: &[f32]) -> f32 {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let ms = crate::ops::dot(row, row) / row.len() as f32;
         1.0 / (ms + self.eps).sqrt()
     }
 
