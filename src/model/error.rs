@@ -26,6 +26,18 @@ pub enum Error {
         /// What the file holds.
         got: Vec<usize>,
     },
+    /// Occurs when a weight holds NaN or infinity.
+    #[error("{path}: tensor {name} has a non-finite value ({value}) at index {index}")]
+    NonFinite {
+        /// The checkpoint.
+        path: String,
+        /// The key.
+        name: String,
+        /// Flat index of the first bad value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
     /// Occurs when the tokenizer cannot be loaded or used.
     #[error("{path}: {msg}")]
     Tokenizer {

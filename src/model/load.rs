@@ -50,6 +50,14 @@ impl Loader<'_> {
             });
         }
         let v = t.to_f32()?;
+        if let Some(index) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                path: self.path.clone(),
+                name: key.into(),
+                index,
+                value: v[index],
+            });
+        }
         Ok(v)
     }
 
