@@ -20,7 +20,9 @@ fn synthetic_data(path: &Path, vocab: usize, records: usize, len: usize, seed: u
     let mut rng = crate::ops::Rng::new(seed);
     let mut s = String::new();
     for _ in 0..records {
-        let ids: Vec<String> = (0..len).map(|_| (rng.next_u64() % vocab as u64).to_string()).collect();
+        let ids: Vec<String> = (0..len)
+            .map(|_| (rng.next_u64() % vocab as u64).to_string())
+            .collect();
         s.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(",")));
     }
     crate::io::write_text(path, &s)?;
@@ -34,15 +36,19 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
         .split(',')
         .map(|m| Mode::parse(m.trim()).with_context(|| format!("--modes: unknown mode {m:?}")))
         .collect::<Result<_>>()?;
-    let ranks: Vec<usize> = a
-        .r
-        .split(',')
-        .map(|r| r.trim().parse::<usize>().with_context(|| format!("--r: {r:?} is not a rank")))
-        .collect::<Result<_>>()?;
+    let ranks: Vec<usize> =
+        a.r.split(',')
+            .map(|r| {
+                r.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("--r: {r:?} is not a rank"))
+            })
+            .collect::<Result<_>>()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (model, data): (PathBuf, PathBuf) = match &a.preset {
         Some(p) => {
-            let c = crate::model::random::preset(p).with_context(|| format!("unknown preset {p}"))?;
+            let c =
+                crate::model::random::preset(p).with_context(|| format!("unknown preset {p}"))?;
             let data = match &a.data {
                 Some(d) => d.clone(),
                 None => {
@@ -69,7 +75,11 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
             if mode == Mode::Full && r != ranks[0] {
                 continue;
             }
-            let name = if mode == Mode::Full { "full".to_string() } else { format!("{}-r{r}", mode.as_str()) };
+            let name = if mode == Mode::Full {
+                "full".to_string()
+            } else {
+                format!("{}-r{r}", mode.as_str())
+            };
             let out = a.out.join(&name);
             let alpha = a.lora_alpha.unwrap_or(4.0 * r as f64);
             let lr = if mode == Mode::Full { a.full_lr } else { a.lr };
@@ -81,7 +91,13 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
                 .arg(&data)
                 .arg("--out")
                 .arg(&out)
-                .args(["--mode", mode.as_str(), "--overwrite", "--schedule", "cosine"])
+                .args([
+                    "--mode",
+                    mode.as_str(),
+                    "--overwrite",
+                    "--schedule",
+                    "cosine",
+                ])
                 .arg(format!("--r={r}"))
                 .arg(format!("--lora-alpha={alpha}"))
                 .arg(format!("--lr={lr}"))
@@ -95,41 +111,70 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
                 cmd.arg("--eval-data").arg(e);
             }
             eprintln!("== {name}");
-            let st = cmd.status().with_context(|| format!("running {}", exe.display()))?;
+            let st = cmd
+                .status()
+                .with_context(|| format!("running {}", exe.display()))?;
             if !st.success() {
                 anyhow::bail!("training {name} failed ({st})");
             }
-            let text = std::fs::read_to_string(out.join("summary.json")).with_context(|| format!("reading {}/summary.json", out.display()))?;
+            let text = std::fs::read_to_string(out.join("summary.json"))
+                .with_context(|| format!("reading {}/summary.json", out.display()))?;
             let s: TrainSummary = serde_json::from_str(&text)?;
-            rows.push(CompareRow::from_summary(&s, if mode == Mode::Full { 0 } else { r }));
+            rows.push(CompareRow::from_summary(
+                &s,
+                if mode == Mode::Full { 0 } else { r },
+            ));
         }
     }
     // The base model's eval loss on the same held-out data, dense and NF4.
     let (base_dense, base_nf4) = if a.preset.is_none() {
         let tok = Tokenizer::load(&model).ok();
-        let dopts = DataOptions { seq_len: a.seq_len, packing: true, train_on_prompt: false, skip_bad_records: false };
+        let dopts = DataOptions {
+            seq_len: a.seq_len,
+            packing: true,
+            train_on_prompt: false,
+            skip_bad_records: false,
+        };
         let eval_seqs = match &a.eval_data {
             Some(e) => data::load(e, tok.as_ref(), &dopts)?.sequences,
-            None => data::split(data::load(&data, tok.as_ref(), &dopts)?.sequences, TrainConfig::default().eval_fraction).1,
+            None => {
+                data::split(
+                    data::load(&data, tok.as_ref(), &dopts)?.sequences,
+                    TrainConfig::default().eval_fraction,
+                )
+                .1
+            }
         };
         let ev = |storage| -> Result<f64> {
             let mut m = load(&model, &LoadOptions { storage })?;
             m.ensure_positions(a.seq_len);
             Ok(evaluate(&mut m, &eval_seqs, a.batch_size)?)
         };
-        (Some(ev(BaseStorage::Dense)?), Some(ev(BaseStorage::Quantize(Default::default()))?))
+        (
+            Some(ev(BaseStorage::Dense)?),
+            Some(ev(BaseStorage::Quantize(Default::default()))?),
+        )
     } else {
         (None, None)
     };
     let table = markdown(&rows, base_dense, base_nf4);
     crate::io::write_text(&a.out.join("compare.md"), &table)?;
-    crate::io::write_text(&a.out.join("compare.json"), &serde_json::to_string_pretty(&rows)?)?;
+    crate::io::write_text(
+        &a.out.join("compare.json"),
+        &serde_json::to_string_pretty(&rows)?,
+    )?;
     let title = format!("eval loss, {} steps", a.steps);
     crate::io::write_text(&a.out.join("eval_loss.svg"), &curves_svg(&rows, &title))?;
     if ranks.len() > 1 {
-        crate::io::write_text(&a.out.join("rank_sweep.svg"), &rank_svg(&rows, "final eval loss by rank"))?;
+        crate::io::write_text(
+            &a.out.join("rank_sweep.svg"),
+            &rank_svg(&rows, "final eval loss by rank"),
+        )?;
     }
     println!("{table}");
-    println!("wrote {}/compare.md, compare.json, eval_loss.svg", a.out.display());
+    println!(
+        "wrote {}/compare.md, compare.json, eval_loss.svg",
+        a.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

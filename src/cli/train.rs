@@ -216,7 +216,10 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         _ => println!("final train loss {:.4}", s.final_train_loss),
     }
     println!("wrote {}", a.out.display());
-    let sample = a.sample_prompt.clone().or_else(|| demo.then(|| "ROMEO:".to_string()));
+    let sample = a
+        .sample_prompt
+        .clone()
+        .or_else(|| demo.then(|| "ROMEO:".to_string()));
     if let Some(prompt) = &sample {
         let is_full = run.config.mode == Mode::Full;
         let gen = super::args::GenerateArgs {

@@ -56,7 +56,8 @@ impl CompareRow {
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "–".into())
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "–".into())
 }
 
 /// The Markdown table, with the base model's eval loss (dense and NF4) as reference lines.
@@ -68,7 +69,11 @@ pub fn markdown(rows: &[CompareRow], base_dense: Option<f64>, base_nf4: Option<f
         s.push_str(&format!(
             "| {} | {} | {} | {:.3} | {:.2} | {:.0} | {:.3} | {:.0} | {} | {} |\n",
             r.mode,
-            if r.mode == "full" { "–".to_string() } else { r.r.to_string() },
+            if r.mode == "full" {
+                "–".to_string()
+            } else {
+                r.r.to_string()
+            },
             crate::model::llama::thousands(r.trainable_params),
             r.trainable_pct,
             r.weight_mib,
@@ -94,7 +99,11 @@ pub fn curves_svg(rows: &[CompareRow], title: &str) -> String {
     let series: Vec<Series> = rows
         .iter()
         .map(|r| Series {
-            label: if r.mode == "full" { "full".into() } else { format!("{} r={}", r.mode, r.r) },
+            label: if r.mode == "full" {
+                "full".into()
+            } else {
+                format!("{} r={}", r.mode, r.r)
+            },
             points: r.eval_curve.iter().map(|&(s, l)| (s as f64, l)).collect(),
         })
         .collect();

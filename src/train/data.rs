@@ -90,7 +90,12 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
 ///
 /// # Errors
 /// As [`load`].
-pub fn parse(path: &Path, bytes: Vec<u8>, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> Result<Dataset> {
+pub fn parse(
+    path: &Path,
+    bytes: Vec<u8>,
+    tokenizer: Option<&Tokenizer>,
+    opts: &DataOptions,
+) -> Result<Dataset> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

@@ -149,7 +149,9 @@ pub fn build_model(model_dir: &Path, cfg: &TrainConfig) -> Result<(Llama, Option
     } else {
         BaseStorage::Dense
     };
-    let preset = model_dir.to_str().and_then(|s| s.strip_prefix(PRESET_PREFIX));
+    let preset = model_dir
+        .to_str()
+        .and_then(|s| s.strip_prefix(PRESET_PREFIX));
     let mut model = match preset {
         Some(name) => {
             let c = crate::model::random::preset(name).ok_or_else(|| {

@@ -1,0 +1,202 @@
+//! The binary on fixtures: quantize, logits, generate, eval, merge (expected vs got printed on
+//! failure).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qdora::io::{Checkpoint, OwnedTensor};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn qdora(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_qdora"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn quantize_reproduces_the_transformers_nf4_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("nf4");
+    let (ok, _, err) = qdora(&[
+        "quantize",
+        "--model",
+        s(&root().join("tests/fixtures/models/tiny-llama")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    let ours = Checkpoint::open(&out).unwrap();
+    let want = Checkpoint::open(&root().join("tests/fixtures/models/tiny-llama-bnb-nf4")).unwrap();
+    for k in want.keys() {
+        assert!(
+            ours.get(k).unwrap().data == want.get(k).unwrap().data,
+            "{k}"
+        );
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let want_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root().join("tests/fixtures/models/tiny-llama-bnb-nf4/config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["quantization_config"], want_cfg["quantization_config"]);
+    // Refuses to overwrite without --overwrite, and never writes into the input.
+    let (ok, _, err) = qdora(&[
+        "quantize",
+        "--model",
+        s(&root().join("tests/fixtures/models/tiny-llama")),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn logits_command_matches_the_peft_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let case = root().join("tests/fixtures/peft/qdora");
+    let r = Checkpoint::open(&case.join("reference.safetensors")).unwrap();
+    let ids = r.get("input_ids").unwrap();
+    let inp = d.path().join("in.safetensors");
+    qdora::io::write_safetensors(
+        &inp,
+        &[
+            OwnedTensor {
+                name: "input_ids".into(),
+                dtype: ids.dtype,
+                shape: ids.shape.clone(),
+                data: ids.data.to_vec(),
+            },
+            OwnedTensor {
+                name: "labels".into(),
+                dtype: ids.dtype,
+                shape: ids.shape.clone(),
+                data: ids.data.to_vec(),
+            },
+        ],
+        &qdora::io::pt_metadata(),
+    )
+    .unwrap();
+    let out = d.path().join("out.safetensors");
+    let (ok, _, err) = qdora(&[
+        "logits",
+        "--model",
+        s(&root().join("tests/fixtures/models/tiny-llama-bnb-nf4")),
+        "--adapter",
+        s(&case),
+        "--input",
+        s(&inp),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    let got = Checkpoint::open(&out).unwrap();
+    let a = got.get("logits").unwrap().to_f32().unwrap();
+    let b = r.get("logits").unwrap().to_f32().unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "logits diff {diff}");
+    let loss = got.get("loss").unwrap().to_f32().unwrap()[0];
+    let want = r.get("loss").unwrap().to_f32().unwrap()[0];
+    assert!((loss - want).abs() < 1e-5, "loss {loss} vs {want}");
+}
+
+#[test]
+fn generate_reproduces_the_stories260k_golden_text() {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("models/stories260K/verification.json")).unwrap(),
+    )
+    .unwrap();
+    let golden = v.to_string();
+    let (ok, out, err) = qdora(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "195",
+    ]);
+    assert!(ok, "{err}");
+    let text = out.trim_end();
+    let expected = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.";
+    assert!(text.starts_with(expected), "got:\n{text}");
+    let escaped = serde_json::to_string(text).unwrap();
+    assert!(
+        golden.contains(escaped.trim_matches('"')),
+        "generation is not the golden text in verification.json:\n{text}"
+    );
+}
+
+#[test]
+fn merge_command_writes_a_model_with_the_merged_logits() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("merged");
+    let case = root().join("tests/fixtures/peft/dora");
+    let (ok, _, err) = qdora(&[
+        "merge",
+        "--model",
+        s(&root().join("tests/fixtures/models/tiny-llama")),
+        "--adapter",
+        s(&case),
+        "--out",
+        s(&out),
+    ]);
+    assert!(ok, "{err}");
+    let r = Checkpoint::open(&case.join("reference.safetensors")).unwrap();
+    let t = r.get("input_ids").unwrap();
+    let ids: Vec<u32> = t.to_i64().unwrap().into_iter().map(|x| x as u32).collect();
+    let mut m = qdora::model::load(&out, &Default::default()).unwrap();
+    let logits = m.logits(&ids, t.shape[0], t.shape[1]).unwrap();
+    let want = r.get("logits_merged").unwrap().to_f32().unwrap();
+    let diff = logits
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "merged logits diff {diff}");
+    // --requantize writes a bitsandbytes checkpoint that loads 4-bit.
+    let out4 = d.path().join("merged4");
+    let (ok, _, err) = qdora(&[
+        "merge",
+        "--model",
+        s(&root().join("tests/fixtures/models/tiny-llama")),
+        "--adapter",
+        s(&case),
+        "--out",
+        s(&out4),
+        "--requantize",
+    ]);
+    assert!(ok, "{err}");
+    let m4 = qdora::model::load(&out4, &Default::default()).unwrap();
+    assert!(m4.layers[0].linear("q_proj").weight.is_quantized());
+}
+
+#[test]
+fn eval_reports_loss_and_perplexity() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("t.txt");
+    std::fs::write(&data, "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. ".repeat(20)).unwrap();
+    let (ok, out, err) = qdora(&["eval", "--data", s(&data), "--seq-len", "64"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("loss") && out.contains("perplexity"), "{out}");
+    let (ok, _, err) = qdora(&["eval", "--model", "/nonexistent/model", "--data", s(&data)]);
+    assert!(!ok && err.contains("/nonexistent/model"), "{err}");
+}
