@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::adapter::{AdapterKind, BaseWeight, InitLoraWeights, LoraAdapter};
 use crate::model::layers::Linear;
-use crate::model::{random, Llama, StepOptions};
+use crate::model::{random, Llama};
 use crate::ops::{self, Rng};
 use crate::quant::{Dtype, QuantizeOptions, QuantizedWeight};
 use crate::train::optim::{AdamW, AdamWOptions};
@@ -343,10 +343,6 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
             * c.num_hidden_layers) as f64;
     let flops = per_token * n_params as f64 * t as f64 + attn;
     let gflops = flops / step_s / 1e9;
-    let _ = StepOptions {
-        gradient_checkpointing: false,
-        grad_scale: 1.0,
-    };
     Ok(TrainLine {
         mode: o.mode.as_str().into(),
         preset: o.source.clone(),
@@ -362,4 +358,79 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         batch: format!("{}x{}", o.batch_size, o.seq_len),
         loss,
     })
+}
+
+/// One line of the inference benchmark.
+#[derive(Debug, Serialize)]
+pub struct GenerateLine {
+    /// Model (preset or folder).
+    pub model: String,
+    /// f32 or nf4 base.
+    pub weights: String,
+    /// Prompt tokens processed in one forward.
+    pub prefill_tokens: usize,
+    /// Prefill tokens per second.
+    pub prefill_tokens_per_s: f64,
+    /// Tokens decoded one at a time with the KV cache.
+    pub decode_tokens: usize,
+    /// Decode tokens per second.
+    pub decode_tokens_per_s: f64,
+}
+
+/// Prefill and KV-cached decode speed of a model (a folder or a preset), f32 and NF4.
+///
+/// # Errors
+/// Model loading errors.
+pub fn generate(
+    source: &str,
+    prefill: usize,
+    decode: usize,
+) -> crate::model::Result<Vec<GenerateLine>> {
+    let mut out = Vec::new();
+    for nf4 in [false, true] {
+        let q = nf4.then(QuantizeOptions::default);
+        let mut model = match random::preset(source) {
+            Some(c) => random::random_model(c, q, 0),
+            None => {
+                let storage = match q {
+                    Some(o) => crate::model::BaseStorage::Quantize(o),
+                    None => crate::model::BaseStorage::AsStored,
+                };
+                crate::model::load(
+                    std::path::Path::new(source),
+                    &crate::model::LoadOptions { storage },
+                )?
+            }
+        };
+        let v = model.config.vocab_size as u64;
+        let n = prefill
+            .min(
+                model
+                    .config
+                    .max_position_embeddings
+                    .saturating_sub(decode + 1),
+            )
+            .max(1);
+        let mut rng = Rng::new(3);
+        let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % v) as u32).collect();
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        let mut logits = model.forward_cached(&ids, &mut cache)?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..decode {
+            let next = crate::model::generate::sample(&logits, &Default::default(), &mut rng);
+            logits = model.forward_cached(&[next], &mut cache)?;
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        out.push(GenerateLine {
+            model: source.to_string(),
+            weights: if nf4 { "nf4".into() } else { "f32".into() },
+            prefill_tokens: n,
+            prefill_tokens_per_s: n as f64 / prefill_s,
+            decode_tokens: decode,
+            decode_tokens_per_s: decode as f64 / decode_s,
+        });
+    }
+    Ok(out)
 }

@@ -13,6 +13,7 @@ pub mod adapter;
 pub mod bench;
 pub mod cli;
 pub mod embedded;
+pub mod fuzzing;
 pub mod io;
 pub mod model;
 pub mod ops;

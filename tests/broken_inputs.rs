@@ -356,3 +356,55 @@ fn broken_data_files_give_file_and_line() {
     assert_eq!(ds.skipped.len(), 1);
     assert_eq!(ds.skipped[0].0, 2);
 }
+
+#[test]
+fn alpaca_and_chat_records_train_on_the_response_only() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/stories260K");
+    let mut tok = qdora::model::tokenizer::Tokenizer::load(&dir).unwrap();
+    tok.chat_template = Some("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into());
+    let opts = DataOptions {
+        seq_len: 64,
+        packing: false,
+        train_on_prompt: false,
+        skip_bad_records: false,
+    };
+    let text = br#"{"instruction": "Tell a story", "input": "", "output": "Lily saw a cat."}
+{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello Tom."}]}
+"#;
+    let ds = data::parse(Path::new("mix.jsonl"), text.to_vec(), Some(&tok), &opts).unwrap();
+    for (seq, answer) in ds.sequences.iter().zip(["Lily saw a cat.", "Hello Tom."]) {
+        let trained: Vec<u32> = seq
+            .labels
+            .iter()
+            .filter(|&&l| l >= 0)
+            .map(|&l| l as u32)
+            .collect();
+        let text = tok.decode(&trained).unwrap();
+        assert!(
+            text.trim().ends_with(answer.trim_end_matches('.')) || text.contains(answer),
+            "trained on {text:?}"
+        );
+        assert!(
+            !text.contains("Tell a story") && !text.contains("Hi\n"),
+            "prompt trained: {text:?}"
+        );
+        assert_eq!(seq.labels[0], -100);
+    }
+    let all = DataOptions {
+        train_on_prompt: true,
+        ..opts
+    };
+    let ds = data::parse(Path::new("mix.jsonl"), text.to_vec(), Some(&tok), &all).unwrap();
+    assert_ne!(ds.sequences[0].labels[1], -100);
+    // Without packing, over-long records are reported with their line.
+    let long = format!("{{\"text\": \"{}\"}}\n", "Lily ran. ".repeat(40));
+    let ds = data::parse(
+        Path::new("long.jsonl"),
+        long.into_bytes(),
+        Some(&tok),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(ds.truncated.len(), 1);
+    assert_eq!(ds.truncated[0].0, 1);
+}

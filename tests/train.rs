@@ -326,3 +326,54 @@ fn invalid_settings_are_all_reported() {
     let o = train_cmd(&tiny(), &data, &tiny(), 2).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("input model folder"));
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), 40, 64);
+    let out = dir.path().join("int");
+    let mut child = train_cmd(&tiny(), &data, &out, 100_000).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("metrics.jsonl").exists() || losses(&out).len() < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(130), "interrupted runs exit with 130");
+    let ck = qdora::train::checkpoint::latest(&out).expect("a checkpoint was saved on Ctrl-C");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("state.json")).unwrap()).unwrap();
+    let step = state["step"].as_u64().unwrap() as usize;
+    assert!(step >= 3);
+    let st = train_cmd(&tiny(), &data, &out, step + 5)
+        .arg("--resume")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn a_half_written_checkpoint_is_ignored_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), 40, 64);
+    let out = dir.path().join("half");
+    let st = train_cmd(&tiny(), &data, &out, 10)
+        .args(["--save-every", "5"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // What a crash in the middle of writing checkpoint-9 leaves: a staged folder, no rename.
+    let staged = out.join("checkpoint-9.tmp-4242");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("trainable.safetensors"), b"\x10\x00\x00").unwrap();
+    let latest = qdora::train::checkpoint::latest(&out).unwrap();
+    assert!(latest.ends_with("checkpoint-5"), "{}", latest.display());
+    let st = train_cmd(&tiny(), &data, &out, 10)
+        .args(["--save-every", "5", "--resume"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}

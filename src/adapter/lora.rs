@@ -270,7 +270,6 @@ impl LoraAdapter {
                 Some((k, norm, z))
             }
         };
-        let _ = inp;
         (v, LoraSaved { x_d, keep, u, dora })
     }
 
@@ -492,8 +491,6 @@ mod tests {
         }
         // DoRA with m = ‖W + sBA‖ (fresh init) equals LoRA (PEFT test_4bit_dora_inference).
         let (base, a, x, n) = setup(AdapterKind::Lora, 0.0);
-        let mut rng = Rng::new(1);
-        let _ = &mut rng;
         let m = a.weight_norm(&base);
         let d = LoraAdapter::from_weights(
             &base,

@@ -129,10 +129,9 @@ impl AdapterFile {
                     .push(format!("missing {key} (expected shape {shape:?})"));
                 None
             }
-            Some((s, d)) if s != shape => {
+            Some((s, _)) if s != shape => {
                 self.problems
                     .push(format!("{key}: shape {s:?}, expected {shape:?}"));
-                let _ = d;
                 None
             }
             Some((_, d)) => Some(d),

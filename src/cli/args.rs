@@ -290,7 +290,7 @@ pub struct MergeArgs {
 /// `qdora bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// quant | train | layers.
+    /// quant | layers | train | generate.
     pub what: String,
     /// Model folder (train).
     #[arg(long)]

@@ -44,7 +44,19 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             })?;
             println!("{}", serde_json::to_string(&line)?);
         }
-        other => anyhow::bail!("unknown benchmark {other:?}: expected quant, layers or train"),
+        "generate" => {
+            let source = match (&a.preset, &a.model) {
+                (Some(p), _) => p.clone(),
+                (None, Some(m)) => m.display().to_string(),
+                (None, None) => super::model_dir(None)?.display().to_string(),
+            };
+            for l in bench::generate(&source, a.seq_len, 64)? {
+                println!("{}", serde_json::to_string(&l)?);
+            }
+        }
+        other => {
+            anyhow::bail!("unknown benchmark {other:?}: expected quant, layers, train or generate")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

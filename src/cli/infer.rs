@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
 use super::args::{EvalArgs, GenerateArgs, LogitsArgs, ModelArgs};
-use crate::io::{Checkpoint, OwnedTensor, StDtype};
+use crate::io::{Checkpoint, OwnedTensor};
 use crate::model::generate::{generate as gen, GenerateOptions};
 use crate::model::tokenizer::{GenerationConfig, Message, Tokenizer};
 use crate::model::{adapters, load, BaseStorage, Llama, LoadOptions};
@@ -180,7 +180,6 @@ pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
             &[(sum / count.max(1) as f64) as f32],
         ));
     }
-    let _ = StDtype::F32;
     crate::io::write_safetensors(&a.out, &tensors, &crate::io::pt_metadata())?;
     println!("wrote {} (logits [{b}, {s}, {v}])", a.out.display());
     Ok(ExitCode::SUCCESS)

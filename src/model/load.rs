@@ -3,7 +3,6 @@
 //! config; optional NF4/FP4 quantization of the decoder linears while loading (QLoRA/QDoRA on a
 //! dense checkpoint), one tensor at a time. Also writes a full checkpoint back.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::config::{Arch, LlamaConfig};
@@ -376,6 +375,5 @@ pub fn save(model: &Llama, dir: &Path, how: SaveAs) -> Result<()> {
     }
     let text = serde_json::to_string_pretty(&cfg).unwrap_or_default();
     io::write_text(&dir.join("config.json"), &text)?;
-    let _ = BTreeMap::<String, String>::new();
     Ok(())
 }

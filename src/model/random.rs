@@ -15,6 +15,7 @@ pub fn preset(name: &str) -> Option<LlamaConfig> {
     let (d, f, l, h, kv, v) = match name {
         "llama-tiny-512" => (512, 1376, 8, 8, 8, 32000),
         "llama-small-1024" => (1024, 2816, 12, 16, 16, 32000),
+        "llama-1024-8l" => (1024, 2816, 8, 16, 16, 32000),
         "llama2-7b" => (4096, 11008, 32, 32, 32, 32000),
         _ => return None,
     };

@@ -50,6 +50,8 @@ pub struct DataOptions {
 struct Tokenized {
     ids: Vec<u32>,
     labels: Vec<i64>,
+    /// 1-based line (or record index) it came from.
+    line: usize,
 }
 
 /// What loading a file produced.
@@ -63,6 +65,8 @@ pub struct Dataset {
     pub skipped: Vec<(usize, String)>,
     /// Tokens with a label.
     pub label_tokens: usize,
+    /// Records longer than `seq_len` that were truncated (without packing): (line, tokens).
+    pub truncated: Vec<(usize, usize)>,
 }
 
 fn data_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
@@ -126,7 +130,9 @@ pub fn parse(
         };
         for d in docs.iter().filter(|d| !d.trim().is_empty()) {
             let ids = tok.encode(d, true)?;
-            records.push(with_eos(ids, None, tok));
+            let mut t = with_eos(ids, None, tok);
+            t.line = records.len() + 1;
+            records.push(t);
             ds.records += 1;
         }
     } else {
@@ -173,7 +179,8 @@ pub fn parse(
                         return Err(data_err(path, line, "empty record (no tokens)"));
                     }
                 }
-                Ok(t) => {
+                Ok(mut t) => {
+                    t.line = line;
                     records.push(t);
                     ds.records += 1;
                 }
@@ -191,6 +198,11 @@ pub fn parse(
     ds.sequences = if opts.packing {
         pack(&records, opts.seq_len)
     } else {
+        ds.truncated = records
+            .iter()
+            .filter(|r| r.ids.len() > opts.seq_len)
+            .map(|r| (r.line, r.ids.len()))
+            .collect();
         pad(&records, opts.seq_len)
     };
     if ds.sequences.is_empty() {
@@ -224,7 +236,11 @@ fn with_eos(mut ids: Vec<u32>, labels: Option<Vec<i64>>, tok: &Tokenizer) -> Tok
             labels.push(e as i64);
         }
     }
-    Tokenized { ids, labels }
+    Tokenized {
+        ids,
+        labels,
+        line: 0,
+    }
 }
 
 fn str_field<'a>(v: &'a Value, k: &str) -> std::result::Result<Option<&'a str>, String> {
@@ -271,7 +287,11 @@ fn tokenize_record(
                 l
             }
         };
-        return Ok(Tokenized { ids, labels });
+        return Ok(Tokenized {
+            ids,
+            labels,
+            line: 0,
+        });
     }
     let tok = tok.ok_or("text records need a tokenizer (the model has no tokenizer.json)")?;
     let enc = |s: &str, special: bool| tok.encode(s, special).map_err(|e| e.to_string());

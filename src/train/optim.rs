@@ -85,14 +85,23 @@ impl AdamW {
         let bc2 = 1.0 - o.beta2.powi(t);
         let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
-        for i in 0..param.len() {
-            let g = grad[i];
-            param[i] *= 1.0 - lr * o.weight_decay;
-            st.m[i] = st.m[i] * o.beta1 + (1.0 - o.beta1) * g;
-            st.v[i] = st.v[i] * o.beta2 + (1.0 - o.beta2) * g * g;
-            let denom = st.v[i].sqrt() / bc2_sqrt + o.eps;
-            param[i] -= step_size * st.m[i] / denom;
-        }
+        // Element-wise, so chunks update in parallel with identical results.
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 15;
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(st.m.par_chunks_mut(CHUNK))
+            .zip(st.v.par_chunks_mut(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    p[i] *= 1.0 - lr * o.weight_decay;
+                    m[i] = m[i] * o.beta1 + (1.0 - o.beta1) * g[i];
+                    v[i] = v[i] * o.beta2 + (1.0 - o.beta2) * g[i] * g[i];
+                    let denom = v[i].sqrt() / bc2_sqrt + o.eps;
+                    p[i] -= step_size * m[i] / denom;
+                }
+            });
     }
 }
 

@@ -416,6 +416,13 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
             run.data.display()
         )));
     }
+    for (line, n) in &ds.truncated {
+        obs.event(Event::Message(&format!(
+            "truncated {}:{line}: {n} tokens cut to --seq-len {} (no packing)",
+            run.data.display(),
+            cfg.seq_len
+        )));
+    }
     let (train_seqs, eval_seqs) = match &run.eval_data {
         Some(p) => (
             ds.sequences.clone(),

@@ -1,0 +1,168 @@
+//! Tiny random Llama 3 (llama3 RoPE scaling, attention + MLP biases, tied embeddings), Llama
+//! (linear RoPE scaling), Mistral (sliding window, free head_dim), Qwen2 (q/k/v biases, tied) and
+//! Qwen3 (q/k norm, free head_dim) against transformers 5.24 (made by make_arch_fixtures.py).
+
+use std::path::Path;
+
+use qdora::io::Checkpoint;
+use qdora::model::{load, LoadOptions};
+
+fn check(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/arch")
+        .join(name);
+    let mut m = load(&dir, &LoadOptions::default()).unwrap();
+    let r = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
+    let t = r.get("input_ids").unwrap();
+    let ids: Vec<u32> = t.to_i64().unwrap().into_iter().map(|x| x as u32).collect();
+    let (b, s) = (t.shape[0], t.shape[1]);
+    let logits = m.logits(&ids, b, s).unwrap();
+    let want = r.get("logits").unwrap().to_f32().unwrap();
+    let d = logits
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4, "{name}: logits max diff {d}");
+    let labels = r.get("labels").unwrap().to_i64().unwrap();
+    let (sum, n) = m.loss(&ids, &labels, b, s).unwrap();
+    let want = r.get("loss").unwrap().to_f32().unwrap()[0];
+    assert!(
+        ((sum / n as f64) as f32 - want).abs() < 1e-5,
+        "{name}: loss"
+    );
+    // KV-cached decoding agrees with full recomputation at every position.
+    let mut cache = m.new_cache();
+    let v = m.config.vocab_size;
+    for i in 0..s {
+        let last = m.forward_cached(&ids[i..i + 1], &mut cache).unwrap();
+        let full = &logits[i * v..(i + 1) * v];
+        let d = last
+            .iter()
+            .zip(full)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-4, "{name}: cached step {i} differs by {d}");
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_biases_and_tied_embeddings() {
+    check("llama3-rope-bias-tied");
+}
+
+#[test]
+fn llama_linear_rope_scaling() {
+    check("llama-rope-linear");
+}
+
+#[test]
+fn mistral_sliding_window() {
+    check("mistral-sliding-window");
+}
+
+#[test]
+fn qwen2_qkv_bias() {
+    check("qwen2-qkv-bias");
+}
+
+#[test]
+fn qwen3_qk_norm() {
+    check("qwen3-qk-norm");
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    use qdora::io::OwnedTensor;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-llama");
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), d.path().join("config.json")).unwrap();
+    let ck = Checkpoint::open(&src).unwrap();
+    let keys: Vec<String> = ck.keys().map(String::from).collect();
+    let mut map = serde_json::Map::new();
+    for (i, part) in keys.chunks(keys.len() / 2 + 1).enumerate() {
+        let name = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let ts: Vec<OwnedTensor> = part
+            .iter()
+            .map(|k| {
+                let t = ck.get(k).unwrap();
+                map.insert(k.clone(), serde_json::Value::String(name.clone()));
+                OwnedTensor {
+                    name: k.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data: t.data.to_vec(),
+                }
+            })
+            .collect();
+        qdora::io::write_safetensors(&d.path().join(&name), &ts, &qdora::io::pt_metadata())
+            .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 11 % 256) as u32).collect();
+    let a = load(&src, &LoadOptions::default())
+        .unwrap()
+        .logits(&ids, 2, 12)
+        .unwrap();
+    let b = load(d.path(), &LoadOptions::default())
+        .unwrap()
+        .logits(&ids, 2, 12)
+        .unwrap();
+    assert_eq!(a, b);
+    // An index pointing outside the folder is refused.
+    let bad = serde_json::json!({"weight_map": {"x": "../model.safetensors"}});
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        bad.to_string(),
+    )
+    .unwrap();
+    assert!(matches!(
+        Checkpoint::open(d.path()),
+        Err(qdora::io::Error::Format { .. })
+    ));
+}
+
+#[test]
+fn lora_only_bias_and_modules_to_save_round_trip_with_peft_keys() {
+    use qdora::adapter::{Bias, LoraConfig, TargetModules};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch/qwen2-qkv-bias");
+    let mut m = load(&dir, &LoadOptions::default()).unwrap();
+    let cfg = LoraConfig {
+        target_modules: Some(TargetModules::List(vec!["q_proj".into(), "o_proj".into()])),
+        bias: Bias::LoraOnly,
+        modules_to_save: Some(vec!["lm_head".into()]),
+        init_lora_weights: serde_json::Value::Bool(false),
+        use_dora: true,
+        ..Default::default()
+    };
+    qdora::model::adapters::attach(&mut m, &cfg, &mut qdora::ops::Rng::new(1)).unwrap();
+    let mut names = Vec::new();
+    m.visit_trainable(&mut |n, t| {
+        t.iter_mut().for_each(|v| *v += 0.01);
+        names.push(n.to_string());
+    });
+    assert!(names
+        .iter()
+        .any(|n| n == "model.layers.0.self_attn.q_proj.bias"));
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "model.layers.0.self_attn.k_proj.bias"),
+        "k_proj is not targeted"
+    );
+    let out = tempfile::tempdir().unwrap();
+    qdora::model::adapters::save_adapter(&m, out.path(), &cfg).unwrap();
+    let file = Checkpoint::open(&out.path().join("adapter_model.safetensors")).unwrap();
+    assert!(file.contains("base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias"));
+    assert!(file.contains("base_model.model.lm_head.weight"));
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 % 96) as u32).collect();
+    let want = m.logits(&ids, 1, 12).unwrap();
+    let mut m2 = load(&dir, &LoadOptions::default()).unwrap();
+    qdora::model::adapters::load_adapter(&mut m2, out.path()).unwrap();
+    assert_eq!(m2.logits(&ids, 1, 12).unwrap(), want);
+}
