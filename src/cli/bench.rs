@@ -8,6 +8,15 @@ use super::args::BenchArgs;
 use crate::bench;
 use crate::train::Mode;
 
+/// The preset name, the model folder, or the bundled model.
+fn source(a: &BenchArgs) -> Result<String> {
+    Ok(match (&a.preset, &a.model) {
+        (Some(p), _) => p.clone(),
+        (None, Some(m)) => m.display().to_string(),
+        (None, None) => super::model_dir(None)?.display().to_string(),
+    })
+}
+
 /// Runs `qdora bench`.
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
     match a.what.as_str() {
@@ -22,11 +31,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             }
         }
         "train" => {
-            let source = match (&a.preset, &a.model) {
-                (Some(p), _) => p.clone(),
-                (None, Some(m)) => m.display().to_string(),
-                (None, None) => super::model_dir(None)?.display().to_string(),
-            };
+            let source = source(&a)?;
             let mode = Mode::parse(&a.mode).with_context(|| {
                 format!(
                     "--mode {}: expected full, lora, dora, qlora or qdora",
@@ -45,11 +50,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&line)?);
         }
         "generate" => {
-            let source = match (&a.preset, &a.model) {
-                (Some(p), _) => p.clone(),
-                (None, Some(m)) => m.display().to_string(),
-                (None, None) => super::model_dir(None)?.display().to_string(),
-            };
+            let source = source(&a)?;
             for l in bench::generate(&source, a.seq_len, 64)? {
                 println!("{}", serde_json::to_string(&l)?);
             }

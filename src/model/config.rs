@@ -273,14 +273,7 @@ impl LlamaConfig {
             }
         };
         let default_bias = arch == Arch::Qwen2;
-        let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect(),
-            _ => vec![],
-        };
+        let eos_token_ids = token_ids(v.get("eos_token_id"));
         let sliding_window = if arch == Arch::Mistral {
             opt_usize("sliding_window")?
         } else if bool_field("use_sliding_window", false)? {
@@ -335,6 +328,19 @@ impl LlamaConfig {
         let kv = self.num_key_value_heads * self.head_dim;
         let per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size;
         per_layer * self.num_hidden_layers + d * self.vocab_size
+    }
+}
+
+/// Token ids given as one integer or a list (`eos_token_id` in config.json and
+/// generation_config.json); anything else gives none.
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
     }
 }
 

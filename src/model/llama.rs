@@ -134,6 +134,35 @@ fn collect_block(out: &mut Grads, i: usize, g: BlockGrads) {
 }
 
 impl Llama {
+    /// Puts a model together from its weights (frozen; RoPE tables for `rope_len` positions).
+    /// `lm_head = None` ties the head to the embedding.
+    pub fn assemble(
+        config: LlamaConfig,
+        embed_tokens: Vec<f32>,
+        layers: Vec<Block>,
+        norm: RmsNorm,
+        lm_head: Option<Vec<f32>>,
+        rope_len: usize,
+    ) -> Self {
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let mut rope = Rope::new(config.head_dim, config.rope_theta, config.rope_scaling);
+        rope.ensure(rope_len);
+        Self {
+            embed_tokens: BaseWeight::Dense {
+                w: embed_tokens,
+                out: v,
+                inp: d,
+            },
+            train_embed_tokens: false,
+            layers,
+            norm,
+            lm_head: lm_head.map(|w| BaseWeight::Dense { w, out: v, inp: d }),
+            train_lm_head: false,
+            rope,
+            config,
+        }
+    }
+
     /// The head weight: `lm_head`, or the embedding when tied.
     pub fn head(&self) -> &BaseWeight {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::config::{Arch, LlamaConfig};
 use super::error::{Error, Result};
-use super::layers::{Attention, Block, Linear, Mlp, RmsNorm, Rope};
+use super::layers::{Attention, Block, Linear, Mlp, RmsNorm};
 use super::llama::{linear_path, Llama, LINEAR_NAMES};
 use crate::adapter::BaseWeight;
 use crate::io::{self, Checkpoint, OwnedTensor, StDtype};
@@ -183,11 +183,7 @@ pub fn from_checkpoint(
     }
     let norm = RmsNorm::new(l.dense("model.norm.weight", &[d])?, c.rms_norm_eps);
     let lm_head = if ckpt.contains("lm_head.weight") && !c.tie_word_embeddings {
-        Some(BaseWeight::Dense {
-            w: l.dense("lm_head.weight", &[v, d])?,
-            out: v,
-            inp: d,
-        })
+        Some(l.dense("lm_head.weight", &[v, d])?)
     } else if c.tie_word_embeddings {
         None
     } else {
@@ -196,22 +192,10 @@ pub fn from_checkpoint(
             name: "lm_head.weight (tie_word_embeddings is false)".into(),
         }));
     };
-    let mut rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling);
-    rope.ensure(c.max_position_embeddings.min(4096));
-    Ok(Llama {
-        embed_tokens: BaseWeight::Dense {
-            w: embed,
-            out: v,
-            inp: d,
-        },
-        train_embed_tokens: false,
-        layers,
-        norm,
-        lm_head,
-        train_lm_head: false,
-        rope,
-        config,
-    })
+    let rope_len = c.max_position_embeddings.min(4096);
+    Ok(Llama::assemble(
+        config, embed, layers, norm, lm_head, rope_len,
+    ))
 }
 
 /// How [`save`] stores the linears.

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
-use super::layers::{Attention, Block, Linear, Mlp, RmsNorm, Rope};
+use super::layers::{Attention, Block, Linear, Mlp, RmsNorm};
 use super::llama::Llama;
 use crate::adapter::BaseWeight;
 use crate::ops::Rng;
@@ -94,24 +94,6 @@ pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed
     }
     let embed = fill(v * d, 0.02, &next());
     let head = fill(v * d, 0.02, &next());
-    let mut rope = Rope::new(c.head_dim, c.rope_theta, c.rope_scaling);
-    rope.ensure(512);
-    Llama {
-        embed_tokens: BaseWeight::Dense {
-            w: embed,
-            out: v,
-            inp: d,
-        },
-        train_embed_tokens: false,
-        layers,
-        norm: RmsNorm::new(vec![1.0; d], c.rms_norm_eps),
-        lm_head: Some(BaseWeight::Dense {
-            w: head,
-            out: v,
-            inp: d,
-        }),
-        train_lm_head: false,
-        rope,
-        config,
-    }
+    let norm = RmsNorm::new(vec![1.0; d], c.rms_norm_eps);
+    Llama::assemble(config, embed, layers, norm, Some(head), 512)
 }

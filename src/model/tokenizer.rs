@@ -212,14 +212,7 @@ impl GenerationConfig {
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             return Self::default();
         };
-        let eos = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect(),
-            _ => vec![],
-        };
+        let eos = super::config::token_ids(v.get("eos_token_id"));
         Self {
             temperature: v
                 .get("temperature")
