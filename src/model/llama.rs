@@ -46,7 +46,7 @@ pub struct StepOptions {
 
 /// Module path of a decoder linear.
 pub fn linear_path(layer: usize, name: &str) -> String {
-    let group = if name.ends_with("proj") && ["gate_proj", "up_proj", "down_proj"].contains(&name) {
+    let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) {
         "mlp"
     } else {
         "self_attn"

@@ -135,17 +135,7 @@ impl Default for TrainConfig {
             r: 8,
             lora_alpha: 32.0,
             lora_dropout: 0.1,
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: crate::model::llama::LINEAR_NAMES.map(String::from).to_vec(),
             use_rslora: false,
             init_lora_weights: "true".into(),
             bias: Bias::None,
