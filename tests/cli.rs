@@ -200,3 +200,71 @@ fn eval_reports_loss_and_perplexity() {
     let (ok, _, err) = qdora(&["eval", "--model", "/nonexistent/model", "--data", s(&data)]);
     assert!(!ok && err.contains("/nonexistent/model"), "{err}");
 }
+
+#[test]
+fn merging_a_qdora_adapter_uses_the_nf4_base_it_was_trained_on() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("d.jsonl");
+    let mut text = String::new();
+    for r in 0..16 {
+        let ids: Vec<String> = (0..40)
+            .map(|i| ((r * 5 + i * 7) % 256).to_string())
+            .collect();
+        text.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(",")));
+    }
+    std::fs::write(&data, text).unwrap();
+    let base = root().join("tests/fixtures/models/tiny-llama");
+    let adapter = d.path().join("qdora");
+    let (ok, _, err) = qdora(&[
+        "train",
+        "--model",
+        s(&base),
+        "--data",
+        s(&data),
+        "--out",
+        s(&adapter),
+        "--mode",
+        "qdora",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--lr",
+        "0.05",
+    ]);
+    assert!(ok, "{err}");
+    let merged = d.path().join("merged");
+    let (ok, _, err) = qdora(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(ok, "{err}");
+    let ids: Vec<u32> = (0..24).map(|i| (i * 13 % 256) as u32).collect();
+    // Unmerged: the NF4 base quantized on load (as in training) plus the adapter.
+    let cfg = qdora::train::TrainConfig {
+        mode: qdora::train::Mode::Qdora,
+        ..Default::default()
+    };
+    let storage =
+        qdora::model::BaseStorage::Quantize(qdora::train::trainer::quantize_options(&cfg));
+    let mut m = qdora::model::load(&base, &qdora::model::LoadOptions { storage }).unwrap();
+    qdora::model::adapters::load_adapter(&mut m, &adapter).unwrap();
+    let want = m.logits(&ids, 2, 12).unwrap();
+    let got = qdora::model::load(&merged, &Default::default())
+        .unwrap()
+        .logits(&ids, 2, 12)
+        .unwrap();
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-4, "merged vs unmerged logits differ by {diff}");
+}

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::args::{MergeArgs, QuantizeArgs};
 use crate::io::{Checkpoint, StagedDir};
 use crate::model::load::{save, SaveAs};
-use crate::model::{adapters, load, BaseStorage, LlamaConfig, LoadOptions};
+use crate::model::{adapters, LlamaConfig};
 use crate::quant::{bnb_io, Dtype, QuantType, QuantizeOptions};
 
 const COPY_FILES: [&str; 5] = [
@@ -113,13 +113,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<ExitCode> {
 /// Runs `qdora merge`.
 pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     super::check_out(&a.out, &a.model, a.overwrite)?;
-    let mut model = load(
-        &a.model,
-        &LoadOptions {
-            storage: BaseStorage::AsStored,
+    // The base as the adapter was trained against: an adapter trained by qdora in a 4-bit mode
+    // is merged into the same NF4 base, dequantized (PEFT's recommended dense merge).
+    let (mut model, _) = super::infer::load_model(
+        &super::args::ModelArgs {
+            model: Some(a.model.clone()),
+            adapter: Some(a.adapter.clone()),
         },
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+        false,
+    )?;
     let original_quant = model
         .layers
         .first()
@@ -131,8 +133,6 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
             }),
             _ => None,
         });
-    adapters::load_adapter(&mut model, &a.adapter)
-        .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
     adapters::merge(&mut model);
     let how = if a.requantize {
         SaveAs::Quantized(original_quant.unwrap_or_default())
