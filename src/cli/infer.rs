@@ -120,17 +120,10 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     )?;
     model.ensure_positions(a.seq_len);
     let bar = ProgressBar::new(ds.sequences.len() as u64);
-    let (mut sum, mut count) = (0.0, 0usize);
-    for chunk in (0..ds.sequences.len())
-        .collect::<Vec<_>>()
-        .chunks(a.batch_size.max(1))
-    {
-        let (ids, labels) = crate::train::trainer::make_batch(&ds.sequences, chunk);
-        let (s, c) = model.loss(&ids, &labels, chunk.len(), a.seq_len)?;
-        sum += s;
-        count += c;
-        bar.inc(chunk.len() as u64);
-    }
+    let (sum, count) =
+        crate::train::trainer::evaluate_with(&mut model, &ds.sequences, a.batch_size, &mut |n| {
+            bar.inc(n as u64)
+        })?;
     bar.finish_and_clear();
     let loss = sum / count.max(1) as f64;
     println!(

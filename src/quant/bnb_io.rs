@@ -12,19 +12,6 @@ use super::error::{Error, Result};
 use super::weight::{Dtype, QuantizeOptions, QuantizedWeight};
 use crate::io::{self, Checkpoint, OwnedTensor, StDtype};
 
-fn io_error(e: io::Error) -> Error {
-    Error::File {
-        path: String::new(),
-        msg: e.to_string(),
-    }
-}
-
-impl From<io::Error> for Error {
-    fn from(e: io::Error) -> Self {
-        io_error(e)
-    }
-}
-
 /// The quant-state key of `weight_key` for a quant type.
 fn state_key(weight_key: &str, qt: QuantType) -> String {
     format!("{weight_key}.quant_state.bitsandbytes__{}", qt.as_str())

@@ -36,22 +36,9 @@ pub enum Error {
         /// The parser's message.
         msg: String,
     },
-    /// Occurs when a safetensors file cannot be read or parsed.
-    #[error("{path}: {msg}")]
-    File {
-        /// The file at fault.
-        path: String,
-        /// What went wrong.
-        msg: String,
-    },
-    /// An I/O error while reading or writing a checkpoint.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file at fault.
-        path: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
+    /// A checkpoint file that cannot be read, parsed or written (names the file).
+    #[error(transparent)]
+    Io(#[from] crate::io::Error),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -273,6 +273,21 @@ pub fn make_batch(seqs: &[Sequence], idx: &[usize]) -> (Vec<u32>, Vec<i64>) {
 /// # Errors
 /// Model errors.
 pub fn evaluate(model: &mut Llama, seqs: &[Sequence], batch_size: usize) -> Result<f64> {
+    let (sum, count) = evaluate_with(model, seqs, batch_size, &mut |_| {})?;
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Summed loss and counted tokens of `model` over `seqs` in batches; `on_batch(sequences)` is
+/// called after each batch (progress bars).
+///
+/// # Errors
+/// Model errors.
+pub fn evaluate_with(
+    model: &mut Llama,
+    seqs: &[Sequence],
+    batch_size: usize,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<(f64, usize)> {
     let (mut sum, mut count) = (0.0, 0usize);
     for chunk in (0..seqs.len())
         .collect::<Vec<_>>()
@@ -283,8 +298,9 @@ pub fn evaluate(model: &mut Llama, seqs: &[Sequence], batch_size: usize) -> Resu
         let (s, c) = model.loss(&ids, &labels, chunk.len(), t)?;
         sum += s;
         count += c;
+        on_batch(chunk.len());
     }
-    Ok(sum / count.max(1) as f64)
+    Ok((sum, count))
 }
 
 /// Accumulates `src` into `dst` by name (same order every micro-batch).

@@ -98,8 +98,6 @@ impl Linear {
     }
 
     /// Backward: `dx (N, in)` and the gradients. `x` is the input given to `forward_train`.
-    /// `need_dx = false` skips the input gradient (the first layer after the embedding when the
-    /// embedding is frozen does not need it).
     pub fn backward(
         &self,
         saved: LinearSaved,
