@@ -72,6 +72,33 @@ pub fn gemm(
     rhs_cs: usize,
     threads: usize,
 ) {
+    gemm_scaled(
+        m, n, k, dst, dst_rs, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, 1.0, threads,
+    );
+}
+
+/// [`gemm`] with the product scaled: `dst = [dst +] beta · lhs · rhs`, so that a scalar factor
+/// (LoRA's `s`) costs no extra pass over the output.
+///
+/// # Panics
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_scaled(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -115,7 +142,7 @@ pub fn gemm(
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
-            1.0,
+            beta,
             false,
             false,
             false,
@@ -336,13 +363,14 @@ pub fn available_mib() -> Option<f64> {
 
 /// `exp(x)` for `x <= 0` with relative error below 3e-7 (Cephes-style range reduction and a
 /// degree-6 polynomial), written without branches so loops over slices vectorize. Inputs below
-/// -87 return 0-ish (no denormals).
+/// -87 return 0-ish (no denormals); NaN stays NaN.
 #[inline(always)]
 pub fn exp_neg(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
+    // Not `max`: a NaN input must stay NaN (a diverged run has to show in the loss).
+    let x = if x < -87.0 { -87.0 } else { x };
     // Round to nearest with the 1.5·2²³ trick: no libm call, so the loop vectorizes.
     const MAGIC: f32 = 12_582_912.0;
     let n = (x * LOG2E + MAGIC) - MAGIC;
@@ -386,6 +414,7 @@ mod exp_tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NAN).is_nan());
     }
 }
 

@@ -7,12 +7,15 @@
 pub mod base;
 pub mod config;
 pub mod dora;
+pub mod dropout;
 pub mod error;
 pub mod lora;
+pub mod lowrank;
 pub mod merge;
 pub mod peft_io;
 
 pub use base::BaseWeight;
 pub use config::{Bias, InitLoraWeights, LoraConfig, Resolved, TargetModules};
+pub use dropout::Dropout;
 pub use error::{Error, Result};
-pub use lora::{AdapterKind, BaseGrad, LoraAdapter, LoraGrads, LoraSaved};
+pub use lora::{AdapterKind, DoraDropout, LoraAdapter, LoraGrads, LoraSaved};

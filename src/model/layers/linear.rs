@@ -4,7 +4,9 @@
 //! Gradients: `dx = dy·W (+ adapter)`, `dW = dyᵀ·x` (full fine-tuning only), `db = Σ_rows dy`.
 //! Shapes: x (N, in), y (N, out).
 
-use crate::adapter::{BaseGrad, BaseWeight, LoraAdapter, LoraGrads, LoraSaved};
+use rayon::prelude::*;
+
+use crate::adapter::{BaseWeight, LoraAdapter, LoraGrads, LoraSaved};
 use crate::ops::{self, Rng};
 
 /// A Linear layer.
@@ -62,37 +64,34 @@ impl Linear {
 
     fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
-            for row in y.chunks_mut(b.len()) {
-                for (v, bb) in row.iter_mut().zip(b) {
-                    *v += bb;
+            let out = b.len();
+            y.par_chunks_mut(out * 16).for_each(|rows| {
+                for row in rows.chunks_mut(out) {
+                    row.iter_mut().zip(b).for_each(|(v, bb)| *v += bb);
                 }
-            }
+            });
         }
     }
 
     /// Inference: `y (N, out)`.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut y = self.weight.forward(x, n);
-        if let Some(a) = &self.adapter {
-            let d = a.forward(&self.weight, x, &y, n);
-            for (v, dd) in y.iter_mut().zip(&d) {
-                *v += dd;
-            }
-        }
+        let mut y = match &self.adapter {
+            Some(a) => a.forward(&self.weight, x, n),
+            None => self.weight.forward(x, n),
+        };
         self.add_bias(&mut y);
         y
     }
 
     /// Training forward.
     pub fn forward_train(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Vec<f32>, LinearSaved) {
-        let mut y = self.weight.forward(x, n);
-        let lora = self.adapter.as_ref().map(|a| {
-            let (d, s) = a.forward_train(&self.weight, x, &y, n, rng);
-            for (v, dd) in y.iter_mut().zip(&d) {
-                *v += dd;
+        let (mut y, lora) = match &self.adapter {
+            Some(a) => {
+                let (y, s) = a.forward_train(&self.weight, x, n, rng);
+                (y, Some(s))
             }
-            s
-        });
+            None => (self.weight.forward(x, n), None),
+        };
         self.add_bias(&mut y);
         (y, LinearSaved { lora })
     }
@@ -108,34 +107,36 @@ impl Linear {
         let (out, inp) = (self.out_features(), self.in_features());
         let mut grads = LinearGrads::default();
         if self.train_bias {
-            let mut db = vec![0f32; out];
-            for row in dy.chunks(out) {
-                for (g, v) in db.iter_mut().zip(row) {
-                    *g += v;
-                }
-            }
-            grads.d_bias = Some(db);
+            grads.d_bias = Some(column_sums(dy, out));
         }
         if self.train_weight {
             let mut dw = vec![0f32; out * inp];
             ops::matmul_tn_into(dy, out, x, inp, n, &mut dw, false);
             grads.d_weight = Some(dw);
         }
-        let (mut dx, base_dy) = match (&self.adapter, saved.lora) {
+        let dx = match (&self.adapter, saved.lora) {
             (Some(a), Some(s)) => {
-                let (dx, bg, g) = a.backward(s, &self.weight, x, dy, n);
+                let (dx, g) = a.backward(s, &self.weight, x, dy, n);
                 grads.lora = Some(g);
-                (dx, bg)
+                dx
             }
-            _ => (vec![0f32; n * inp], BaseGrad::Same),
+            _ => {
+                let mut dx = vec![0f32; n * inp];
+                self.weight.backward_input(dy, n, &mut dx, false);
+                dx
+            }
         };
-        let acc = self.adapter.is_some();
-        match base_dy {
-            BaseGrad::Same => self.weight.backward_input(dy, n, &mut dx, acc),
-            BaseGrad::Scaled(g) => self.weight.backward_input(&g, n, &mut dx, acc),
-        }
         (dx, grads)
     }
+}
+
+/// `Σ_rows m` of a row-major (N, cols) matrix (bias gradients).
+fn column_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    let mut s = vec![0f32; cols];
+    for row in m.chunks(cols) {
+        s.iter_mut().zip(row).for_each(|(g, v)| *g += v);
+    }
+    s
 }
 
 #[cfg(test)]

@@ -1,0 +1,189 @@
+//! [`Dropout`]: PEFT's `nn.Dropout(p)` on an adapter's input (inverted: kept values × 1/(1−p)),
+//! with a counter-based mask. Element `e` of a call is kept iff a 32-bit hash of `(seed, e)` is
+//! at least `p·2³²`, so the mask is a pure function of one seed: it is never stored (backward
+//! and activation checkpointing regenerate it), costs a few integer operations per element
+//! (the hash vectorizes), and is filled in parallel with the same result on any thread count.
+
+use rayon::prelude::*;
+
+/// Elements per parallel work item.
+const CHUNK: usize = 1 << 14;
+
+/// murmur3's 32-bit finalizer: a bijection with full avalanche.
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// One call's dropout: probability and mask seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// Drop probability, in (0, 1).
+    pub p: f32,
+    /// Seed of the mask.
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// A dropout of probability `p` (0 < p < 1) with mask `seed`.
+    pub fn new(p: f32, seed: u64) -> Self {
+        Self { p, seed }
+    }
+
+    /// Factor of kept values, `1/(1−p)`.
+    pub fn keep_scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+
+    /// The hash threshold: kept iff `hash ≥ threshold`.
+    fn threshold(&self) -> u32 {
+        (self.p as f64 * 4_294_967_296.0)
+            .round()
+            .min(u32::MAX as f64) as u32
+    }
+
+    /// The two hash keys and the threshold.
+    fn keys(&self) -> (u32, u32, u32) {
+        (self.seed as u32, (self.seed >> 32) as u32, self.threshold())
+    }
+
+    /// Whether element `e` is kept (`keys` from [`keys`](Self::keys)).
+    #[inline(always)]
+    fn kept(e: usize, (k1, k2, th): (u32, u32, u32)) -> bool {
+        fmix32(fmix32((e as u32).wrapping_add(k1)) ^ k2) >= th
+    }
+
+    /// The keep mask of `len` elements (tests and statistics).
+    pub fn keep_mask(&self, len: usize) -> Vec<bool> {
+        let keys = self.keys();
+        (0..len).map(|e| Self::kept(e, keys)).collect()
+    }
+
+    /// `dst = dropout(x)`: kept values scaled by `1/(1−p)`, dropped ones 0.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn apply(&self, x: &[f32], dst: &mut [f32]) {
+        assert_eq!(x.len(), dst.len(), "dropout: lengths differ");
+        let inv = self.keep_scale();
+        dst.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (d, s))| {
+                let keys = self.keys();
+                for (i, (d, &s)) in d.iter_mut().zip(s).enumerate() {
+                    *d = if Self::kept(c * CHUNK + i, keys) {
+                        s * inv
+                    } else {
+                        0.0
+                    };
+                }
+            });
+    }
+
+    /// Row `row` (of length `x_row.len()`) of `dropout(x)` into `dst`.
+    #[inline]
+    pub fn apply_row(&self, x_row: &[f32], row: usize, dst: &mut [f32]) {
+        let (keys, inv, e0) = (self.keys(), self.keep_scale(), row * x_row.len());
+        for (i, (d, &s)) in dst.iter_mut().zip(x_row).enumerate() {
+            *d = if Self::kept(e0 + i, keys) {
+                s * inv
+            } else {
+                0.0
+            };
+        }
+    }
+
+    /// Row `row` of [`add_backward`](Self::add_backward): `dst += dropoutᵀ(g_row)`.
+    #[inline]
+    pub fn add_backward_row(&self, g_row: &[f32], row: usize, dst: &mut [f32]) {
+        let (keys, inv, e0) = (self.keys(), self.keep_scale(), row * g_row.len());
+        for (i, (d, &s)) in dst.iter_mut().zip(g_row).enumerate() {
+            *d += if Self::kept(e0 + i, keys) {
+                s * inv
+            } else {
+                0.0
+            };
+        }
+    }
+
+    /// `dropout(x)` as a new buffer.
+    pub fn applied(&self, x: &[f32]) -> Vec<f32> {
+        let mut d = vec![0f32; x.len()];
+        self.apply(x, &mut d);
+        d
+    }
+
+    /// `dst += dropoutᵀ(g)`: the backward of [`apply`](Self::apply) added into `dst` (kept
+    /// positions get `g·1/(1−p)`).
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn add_backward(&self, g: &[f32], dst: &mut [f32]) {
+        assert_eq!(g.len(), dst.len(), "dropout: lengths differ");
+        let inv = self.keep_scale();
+        dst.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (d, s))| {
+                let keys = self.keys();
+                for (i, (d, &s)) in d.iter_mut().zip(s).enumerate() {
+                    *d += if Self::kept(c * CHUNK + i, keys) {
+                        s * inv
+                    } else {
+                        0.0
+                    };
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_expected_fraction_and_scales() {
+        for p in [0.05f32, 0.1, 0.5, 0.9] {
+            let d = Dropout::new(p, 0x1234_5678_9abc_def0);
+            let n = 1 << 20;
+            let kept = d.keep_mask(n).iter().filter(|&&k| k).count() as f64 / n as f64;
+            assert!((kept - (1.0 - p as f64)).abs() < 3e-3, "p {p}: kept {kept}");
+            let x = vec![1.0f32; n];
+            let y = d.applied(&x);
+            let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            assert!((mean - 1.0).abs() < 1e-2, "p {p}: mean {mean}");
+        }
+    }
+
+    #[test]
+    fn masks_depend_on_the_seed_and_not_on_chunking() {
+        let a = Dropout::new(0.3, 1);
+        let b = Dropout::new(0.3, 2);
+        let n = 3 * CHUNK + 17;
+        let (ma, mb) = (a.keep_mask(n), b.keep_mask(n));
+        let same = ma.iter().zip(&mb).filter(|(x, y)| x == y).count() as f64 / n as f64;
+        // Independent masks agree on p² + (1−p)² = 0.58 of the elements.
+        assert!((same - 0.58).abs() < 0.01, "agreement {same}");
+        // Neighbouring elements are uncorrelated.
+        let pairs = ma.windows(2).filter(|w| w[0] && w[1]).count() as f64 / (n - 1) as f64;
+        assert!((pairs - 0.49).abs() < 0.01, "both kept {pairs}");
+        // The parallel fill equals the serial mask.
+        let x: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+        let y = a.applied(&x);
+        for i in 0..n {
+            assert_eq!(y[i] != 0.0, ma[i], "element {i}");
+        }
+        // Backward adds g/(1−p) exactly where forward kept.
+        let mut acc = vec![1.0f32; n];
+        a.add_backward(&vec![0.7; n], &mut acc);
+        for i in 0..n {
+            let want = if ma[i] { 1.0 + 0.7 / 0.7 } else { 1.0 };
+            assert!((acc[i] - want).abs() < 1e-6);
+        }
+    }
+}
