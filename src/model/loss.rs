@@ -78,14 +78,15 @@ pub fn head_loss(
             .map(|(row, &r)| {
                 let tgt = targets[r] as usize;
                 assert!(tgt < v, "target {tgt} outside vocabulary {v}");
+                let target_logit = row[tgt];
                 let mx = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let sum: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
-                let lse = mx as f64 + sum.ln();
-                let loss = lse - row[tgt] as f64;
+                // exp(x − max) in place (f32, vectorized), summed with 8 accumulators.
+                row.iter_mut().for_each(|x| *x = ops::exp_neg(*x - mx));
+                let sum = ops::sum(row);
+                let loss = (mx - target_logit) as f64 + (sum as f64).ln();
                 if backward {
-                    for x in row.iter_mut() {
-                        *x = (((*x as f64) - lse).exp() as f32) * grad_scale;
-                    }
+                    let f = grad_scale / sum;
+                    row.iter_mut().for_each(|x| *x *= f);
                     row[tgt] -= grad_scale;
                 }
                 loss

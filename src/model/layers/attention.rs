@@ -88,6 +88,9 @@ pub struct AttentionGrads {
     pub k_norm: Option<Vec<f32>>,
 }
 
+/// Queries per block in the causal products: a block's keys end at its last query.
+const QUERY_BLOCK: usize = 64;
+
 struct Dims {
     h: usize,
     hkv: usize,
@@ -131,32 +134,53 @@ impl Attention {
                 let qo = bi * tq * qs + hi * dh;
                 let ko = bi * tk * ks + g * dh;
                 let mut s = vec![0f32; tq * tk];
-                ops::gemm(
-                    tq,
-                    tk,
-                    dh,
-                    &mut s,
-                    tk,
-                    false,
-                    &q[qo..],
-                    qs,
-                    1,
-                    &k[ko..],
-                    1,
-                    ks,
-                    1,
-                );
-                for i in 0..tq {
-                    let row = &mut s[i * tk..(i + 1) * tk];
-                    let p = pos0 + i;
-                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                    let hi_ = (p + 1).min(tk);
-                    row[..lo].fill(0.0);
-                    row[hi_..].fill(0.0);
-                    ops::softmax_scaled(&mut row[lo..hi_], scale);
-                }
                 let mut o = vec![0f32; tq * dh];
-                ops::gemm(tq, dh, tk, &mut o, dh, false, &s, tk, 1, &v[ko..], ks, 1, 1);
+                // Query blocks see keys 0..kend only (causal): the products skip the masked
+                // upper triangle, whose probabilities stay 0.
+                for q0 in (0..tq).step_by(QUERY_BLOCK) {
+                    let q1 = (q0 + QUERY_BLOCK).min(tq);
+                    let kend = (pos0 + q1).min(tk);
+                    let rows = q1 - q0;
+                    let sb = &mut s[q0 * tk..q1 * tk];
+                    ops::gemm(
+                        rows,
+                        kend,
+                        dh,
+                        sb,
+                        tk,
+                        false,
+                        &q[qo + q0 * qs..],
+                        qs,
+                        1,
+                        &k[ko..],
+                        1,
+                        ks,
+                        1,
+                    );
+                    for (i, row) in sb.chunks_mut(tk).enumerate() {
+                        let p = pos0 + q0 + i;
+                        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                        let hi_ = (p + 1).min(tk);
+                        row[..lo].fill(0.0);
+                        row[hi_..].fill(0.0);
+                        ops::softmax_scaled(&mut row[lo..hi_], scale);
+                    }
+                    ops::gemm(
+                        rows,
+                        dh,
+                        kend,
+                        &mut o[q0 * dh..],
+                        dh,
+                        false,
+                        sb,
+                        tk,
+                        1,
+                        &v[ko..],
+                        ks,
+                        1,
+                        1,
+                    );
+                }
                 (o, if keep_probs { s } else { Vec::new() })
             })
             .collect();
@@ -319,35 +343,71 @@ impl Attention {
                 for (gi, hi) in (g * group..(g + 1) * group).enumerate() {
                     let qo = bi * t * qs + hi * dh;
                     let p = &probs[(bi * h + hi) * t * t..(bi * h + hi + 1) * t * t];
-                    // dV += Pᵀ·dO
-                    ops::gemm(t, dh, t, &mut dv, dh, true, p, 1, t, &dctx[qo..], qs, 1, 1);
-                    // dP = dO·Vᵀ
-                    ops::gemm(
-                        t,
-                        t,
-                        dh,
-                        &mut dp,
-                        t,
-                        false,
-                        &dctx[qo..],
-                        qs,
-                        1,
-                        &v[ko..],
-                        1,
-                        ks,
-                        1,
-                    );
-                    for i in 0..t {
-                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                        let dot = ops::dot(pr, dr);
-                        for (d, &pp) in dr.iter_mut().zip(pr) {
-                            *d = pp * (*d - dot) * scale;
-                        }
-                    }
-                    // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
                     let dqh = &mut dq[gi * t * dh..(gi + 1) * t * dh];
-                    ops::gemm(t, dh, t, dqh, dh, false, &dp, t, 1, &k[ko..], ks, 1, 1);
-                    ops::gemm(t, dh, t, &mut dk, dh, true, &dp, 1, t, &q[qo..], qs, 1, 1);
+                    // Query block q0..q1 touches keys 0..kend only (causal).
+                    for q0 in (0..t).step_by(QUERY_BLOCK) {
+                        let q1 = (q0 + QUERY_BLOCK).min(t);
+                        let (rows, kend) = (q1 - q0, q1);
+                        let pb = &p[q0 * t..q1 * t];
+                        let dpb = &mut dp[q0 * t..q1 * t];
+                        let dob = &dctx[qo + q0 * qs..];
+                        // dV += Pᵀ·dO
+                        ops::gemm(kend, dh, rows, &mut dv, dh, true, pb, 1, t, dob, qs, 1, 1);
+                        // dP = dO·Vᵀ
+                        ops::gemm(
+                            rows,
+                            kend,
+                            dh,
+                            dpb,
+                            t,
+                            false,
+                            dob,
+                            qs,
+                            1,
+                            &v[ko..],
+                            1,
+                            ks,
+                            1,
+                        );
+                        for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
+                            let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
+                            let dot = ops::dot(pr, dr);
+                            for (d, &pp) in dr.iter_mut().zip(pr) {
+                                *d = pp * (*d - dot) * scale;
+                            }
+                        }
+                        // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
+                        ops::gemm(
+                            rows,
+                            dh,
+                            kend,
+                            &mut dqh[q0 * dh..],
+                            dh,
+                            false,
+                            dpb,
+                            t,
+                            1,
+                            &k[ko..],
+                            ks,
+                            1,
+                            1,
+                        );
+                        ops::gemm(
+                            kend,
+                            dh,
+                            rows,
+                            &mut dk,
+                            dh,
+                            true,
+                            dpb,
+                            1,
+                            t,
+                            &q[qo + q0 * qs..],
+                            qs,
+                            1,
+                            1,
+                        );
+                    }
                 }
                 (dq, dk, dv)
             })
