@@ -438,6 +438,33 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Elements per parallel work item of the element-wise passes.
+pub const PAR_CHUNK: usize = 1 << 14;
+
+/// `dst += src`, element-wise, in parallel (residual connections, gradient sums).
+///
+/// # Panics
+/// If the lengths differ.
+pub fn add_assign(dst: &mut [f32], src: &[f32]) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "add_assign: lengths differ");
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, b)| *a += b));
+}
+
+/// `σ(x) = 1/(1 + e^{−x})`, branch-free through [`exp_neg`] so loops vectorize.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    let e = exp_neg(-x.abs());
+    let inv = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        inv
+    } else {
+        e * inv
+    }
+}
+
 /// Sum with 8 independent accumulators.
 #[inline]
 pub fn sum(a: &[f32]) -> f32 {

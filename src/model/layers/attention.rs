@@ -126,74 +126,85 @@ impl Attention {
         let scale = 1.0 / (dh as f32).sqrt();
         let (qs, ks) = (h * dh, hkv * dh);
         let window = self.sliding_window;
-        let results: Vec<(Vec<f32>, Vec<f32>)> = (0..b * h)
-            .into_par_iter()
-            .map(|bh| {
-                let (bi, hi) = (bh / h, bh % h);
-                let g = hi / group;
-                let qo = bi * tq * qs + hi * dh;
-                let ko = bi * tk * ks + g * dh;
-                let mut s = vec![0f32; tq * tk];
-                let mut o = vec![0f32; tq * dh];
-                // Query blocks see keys 0..kend only (causal): the products skip the masked
-                // upper triangle, whose probabilities stay 0.
-                for q0 in (0..tq).step_by(QUERY_BLOCK) {
-                    let q1 = (q0 + QUERY_BLOCK).min(tq);
-                    let kend = (pos0 + q1).min(tk);
-                    let rows = q1 - q0;
-                    let sb = &mut s[q0 * tk..q1 * tk];
-                    ops::gemm(
-                        rows,
-                        kend,
-                        dh,
-                        sb,
-                        tk,
-                        false,
-                        &q[qo + q0 * qs..],
-                        qs,
-                        1,
-                        &k[ko..],
-                        1,
-                        ks,
-                        1,
-                    );
-                    for (i, row) in sb.chunks_mut(tk).enumerate() {
-                        let p = pos0 + q0 + i;
-                        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                        let hi_ = (p + 1).min(tk);
-                        row[..lo].fill(0.0);
-                        row[hi_..].fill(0.0);
-                        ops::softmax_scaled(&mut row[lo..hi_], scale);
-                    }
-                    ops::gemm(
-                        rows,
-                        dh,
-                        kend,
-                        &mut o[q0 * dh..],
-                        dh,
-                        false,
-                        sb,
-                        tk,
-                        1,
-                        &v[ko..],
-                        ks,
-                        1,
-                        1,
-                    );
-                }
-                (o, if keep_probs { s } else { Vec::new() })
-            })
-            .collect();
-        let mut ctx = vec![0f32; b * tq * qs];
-        let mut probs = Vec::with_capacity(if keep_probs { b * h * tq * tk } else { 0 });
-        for (bh, (o, p)) in results.into_iter().enumerate() {
+        // One (batch row, head): fills its probabilities `s` (tq × tk), returns its context.
+        let head = |bh: usize, s: &mut [f32]| -> Vec<f32> {
             let (bi, hi) = (bh / h, bh % h);
-            for i in 0..tq {
-                let dst = (bi * tq + i) * qs + hi * dh;
-                ctx[dst..dst + dh].copy_from_slice(&o[i * dh..(i + 1) * dh]);
+            let g = hi / group;
+            let qo = bi * tq * qs + hi * dh;
+            let ko = bi * tk * ks + g * dh;
+            let mut o = vec![0f32; tq * dh];
+            // Query blocks see keys 0..kend only (causal): the products skip the masked
+            // upper triangle, whose probabilities stay 0.
+            for q0 in (0..tq).step_by(QUERY_BLOCK) {
+                let q1 = (q0 + QUERY_BLOCK).min(tq);
+                let kend = (pos0 + q1).min(tk);
+                let rows = q1 - q0;
+                let sb = &mut s[q0 * tk..q1 * tk];
+                ops::gemm(
+                    rows,
+                    kend,
+                    dh,
+                    sb,
+                    tk,
+                    false,
+                    &q[qo + q0 * qs..],
+                    qs,
+                    1,
+                    &k[ko..],
+                    1,
+                    ks,
+                    1,
+                );
+                for (i, row) in sb.chunks_mut(tk).enumerate() {
+                    let p = pos0 + q0 + i;
+                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                    let hi_ = (p + 1).min(tk);
+                    row[..lo].fill(0.0);
+                    row[hi_..].fill(0.0);
+                    ops::softmax_scaled(&mut row[lo..hi_], scale);
+                }
+                ops::gemm(
+                    rows,
+                    dh,
+                    kend,
+                    &mut o[q0 * dh..],
+                    dh,
+                    false,
+                    sb,
+                    tk,
+                    1,
+                    &v[ko..],
+                    ks,
+                    1,
+                    1,
+                );
             }
-            probs.extend_from_slice(&p);
-        }
+            o
+        };
+        let mut probs = vec![0f32; if keep_probs { b * h * tq * tk } else { 0 }];
+        let outs: Vec<Vec<f32>> = if keep_probs {
+            probs
+                .par_chunks_mut(tq * tk)
+                .enumerate()
+                .map(|(bh, s)| head(bh, s))
+                .collect()
+        } else {
+            (0..b * h)
+                .into_par_iter()
+                .map(|bh| head(bh, &mut vec![0f32; tq * tk]))
+                .collect()
+        };
+        let mut ctx = vec![0f32; b * tq * qs];
+        ctx.par_chunks_mut(tq * qs)
+            .enumerate()
+            .for_each(|(bi, cb)| {
+                for hi in 0..h {
+                    let o = &outs[bi * h + hi];
+                    for (i, row) in cb.chunks_mut(qs).enumerate() {
+                        row[hi * dh..(hi + 1) * dh].copy_from_slice(&o[i * dh..(i + 1) * dh]);
+                    }
+                }
+            });
         (ctx, probs)
     }
 
@@ -450,9 +461,8 @@ impl Attention {
         let (mut dx, gq) = self.q_proj.backward(q_lin, x, &dq, n);
         let (dxk, gk) = self.k_proj.backward(k_lin, x, &dk, n);
         let (dxv, gv) = self.v_proj.backward(v_lin, x, &dv, n);
-        for ((a, b), c) in dx.iter_mut().zip(&dxk).zip(&dxv) {
-            *a += b + c;
-        }
+        ops::add_assign(&mut dx, &dxk);
+        ops::add_assign(&mut dx, &dxv);
         grads.q_proj = gq;
         grads.k_proj = gk;
         grads.v_proj = gv;

@@ -7,7 +7,7 @@ use super::attention::{Attention, AttentionGrads, AttentionSaved, KvCache};
 use super::mlp::{Mlp, MlpGrads, MlpSaved};
 use super::rms_norm::{RmsNorm, RmsNormSaved};
 use super::rope::Rope;
-use crate::ops::Rng;
+use crate::ops::{self, Rng};
 
 /// A decoder layer. Fields are named after checkpoint keys.
 #[derive(Debug, Clone)]
@@ -83,11 +83,13 @@ impl Block {
         let a = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), b, t, rope, cache);
-        let h: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
-        let m = self
+        let mut h = a;
+        ops::add_assign(&mut h, x);
+        let mut y = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h), n);
-        h.iter().zip(&m).map(|(p, q)| p + q).collect()
+        ops::add_assign(&mut y, &h);
+        y
     }
 
     fn forward_full(
@@ -101,10 +103,11 @@ impl Block {
         let n = b * t;
         let (a_in, n1) = self.input_layernorm.forward_train(&x);
         let (a, attn) = self.self_attn.forward_train(&a_in, b, t, rope, rng);
-        let h: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
+        let mut h = a;
+        ops::add_assign(&mut h, &x);
         let (m_in, n2) = self.post_attention_layernorm.forward_train(&h);
-        let (m, mlp) = self.mlp.forward_train(&m_in, n, rng);
-        let y = h.iter().zip(&m).map(|(p, q)| p + q).collect();
+        let (mut y, mlp) = self.mlp.forward_train(&m_in, n, rng);
+        ops::add_assign(&mut y, &h);
         (
             y,
             FullSaved {
@@ -171,11 +174,13 @@ impl Block {
         drop(m_in);
         let (dh_norm, g_n2) = self.post_attention_layernorm.backward(n2, &h, &dm_in);
         drop(h);
-        let dh: Vec<f32> = dy.iter().zip(&dh_norm).map(|(a, b)| a + b).collect();
+        let mut dh = dh_norm;
+        ops::add_assign(&mut dh, dy);
         let (da_in, g_attn) = self.self_attn.backward(attn, &a_in, &dh, rope);
         drop(a_in);
         let (dx_norm, g_n1) = self.input_layernorm.backward(n1, &x, &da_in);
-        let dx = dh.iter().zip(&dx_norm).map(|(a, b)| a + b).collect();
+        let mut dx = dx_norm;
+        ops::add_assign(&mut dx, &dh);
         (
             dx,
             BlockGrads {

@@ -4,8 +4,10 @@
 //! `dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))`, `du = dh ⊙ a`, `dx = gate.backward(dg) + up.backward(du)`.
 //! Shapes: x (N, D), g/u/h (N, F).
 
+use rayon::prelude::*;
+
 use super::linear::{Linear, LinearGrads, LinearSaved};
-use crate::ops::Rng;
+use crate::ops::{self, Rng};
 
 /// The feed-forward block of one decoder layer.
 #[derive(Debug, Clone)]
@@ -42,27 +44,35 @@ pub struct MlpGrads {
     pub down_proj: LinearGrads,
 }
 
-#[inline]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+/// `h = silu(g) ⊙ u`, in parallel.
+fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut h = vec![0f32; g.len()];
+    h.par_chunks_mut(ops::PAR_CHUNK)
+        .zip(
+            g.par_chunks(ops::PAR_CHUNK)
+                .zip(u.par_chunks(ops::PAR_CHUNK)),
+        )
+        .for_each(|(h, (g, u))| {
+            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                *h = g * ops::sigmoid(g) * u;
+            }
+        });
+    h
 }
 
 impl Mlp {
     /// Inference.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut g = self.gate_proj.forward(x, n);
+        let g = self.gate_proj.forward(x, n);
         let u = self.up_proj.forward(x, n);
-        for (a, b) in g.iter_mut().zip(&u) {
-            *a = silu(*a) * b;
-        }
-        self.down_proj.forward(&g, n)
+        self.down_proj.forward(&swiglu(&g, &u), n)
     }
 
     /// Training forward.
     pub fn forward_train(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Vec<f32>, MlpSaved) {
         let (g, gate) = self.gate_proj.forward_train(x, n, rng);
         let (u, up) = self.up_proj.forward_train(x, n, rng);
-        let h: Vec<f32> = g.iter().zip(&u).map(|(a, b)| silu(*a) * b).collect();
+        let h = swiglu(&g, &u);
         let (y, down) = self.down_proj.forward_train(&h, n, rng);
         (
             y,
@@ -97,17 +107,22 @@ impl Mlp {
         drop(h);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
-        for i in 0..g.len() {
-            let s = 1.0 / (1.0 + (-g[i]).exp());
-            let a = g[i] * s;
-            du[i] = dh[i] * a;
-            dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-        }
+        let c = ops::PAR_CHUNK;
+        dg.par_chunks_mut(c)
+            .zip(du.par_chunks_mut(c))
+            .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(dh.par_chunks(c)))
+            .for_each(|((dg, du), ((g, u), dh))| {
+                for i in 0..dg.len() {
+                    let s = ops::sigmoid(g[i]);
+                    du[i] = dh[i] * g[i] * s;
+                    dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        drop((g, u, dh));
         let (mut dx, gg) = self.gate_proj.backward(gate, x, &dg, n);
+        drop(dg);
         let (dxu, gu) = self.up_proj.backward(up, x, &du, n);
-        for (a, b) in dx.iter_mut().zip(&dxu) {
-            *a += b;
-        }
+        ops::add_assign(&mut dx, &dxu);
         (
             dx,
             MlpGrads {
