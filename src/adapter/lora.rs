@@ -337,6 +337,26 @@ impl LoraAdapter {
         )
     }
 
+    /// What [`backward`](Self::backward) needs, without the output (activation checkpointing
+    /// recomputes a layer whose output nobody reads): LoRA skips the base product; DoRA needs
+    /// it for `z`. Draws from `rng` exactly as [`forward_train`](Self::forward_train) does.
+    pub fn saved_only(&self, base: &BaseWeight, x: &[f32], n: usize, rng: &mut Rng) -> LoraSaved {
+        if self.lora_magnitude_vector.is_some() {
+            return self.forward_train(base, x, n, rng).1;
+        }
+        let (inp, r) = (self.in_features, self.r);
+        let dropout = (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()));
+        let u = match &dropout {
+            Some(d) => lowrank::xd_at(x, n, inp, &self.lora_a, r, Some(d)),
+            None => ops::matmul_nt(x, n, &self.lora_a, r, inp),
+        };
+        LoraSaved {
+            dropout,
+            u,
+            dora: None,
+        }
+    }
+
     /// Backward: `dx (N, in)` through base and adapter, and the adapter's gradients (the base
     /// weight never gets one). `x` is the layer input given to forward.
     pub fn backward(

@@ -334,9 +334,13 @@ impl Llama {
         self.rope.ensure(t);
         let mut x = self.embed(ids);
         let mut saved: Vec<BlockSaved> = Vec::with_capacity(self.layers.len());
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let r = rng.fork(i as u64 + 1);
-            let (y, s) = layer.forward_train(x, b, t, &self.rope, r, opts.gradient_checkpointing);
+            // The last block's backward follows at once: recomputing it would cost a forward
+            // and save nothing, since backward rebuilds the same activations anyway.
+            let ckpt = opts.gradient_checkpointing && i < last;
+            let (y, s) = layer.forward_train(x, b, t, &self.rope, r, ckpt);
             saved.push(s);
             x = y;
         }

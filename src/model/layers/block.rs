@@ -99,6 +99,7 @@ impl Block {
         t: usize,
         rope: &Rope,
         rng: &mut Rng,
+        need_output: bool,
     ) -> (Vec<f32>, FullSaved) {
         let n = b * t;
         let (a_in, n1) = self.input_layernorm.forward_train(&x);
@@ -106,8 +107,10 @@ impl Block {
         let mut h = a;
         ops::add_assign(&mut h, &x);
         let (m_in, n2) = self.post_attention_layernorm.forward_train(&h);
-        let (mut y, mlp) = self.mlp.forward_train(&m_in, n, rng);
-        ops::add_assign(&mut y, &h);
+        let (mut y, mlp) = self.mlp.forward_train(&m_in, n, rng, need_output);
+        if need_output {
+            ops::add_assign(&mut y, &h);
+        }
         (
             y,
             FullSaved {
@@ -135,7 +138,7 @@ impl Block {
         checkpoint: bool,
     ) -> (Vec<f32>, BlockSaved) {
         let mut r = rng.clone();
-        let (y, full) = self.forward_full(x, b, t, rope, &mut r);
+        let (y, full) = self.forward_full(x, b, t, rope, &mut r, true);
         if checkpoint {
             (
                 y,
@@ -156,7 +159,7 @@ impl Block {
         let full = match saved {
             BlockSaved::Full(f) => *f,
             BlockSaved::Checkpointed { x, mut rng, b, t } => {
-                self.forward_full(x, b, t, rope, &mut rng).1
+                self.forward_full(x, b, t, rope, &mut rng, false).1
             }
         };
         let FullSaved {

@@ -96,6 +96,17 @@ impl Linear {
         (y, LinearSaved { lora })
     }
 
+    /// What backward needs, without computing the output (the last product of a recomputed
+    /// block); draws from `rng` as [`forward_train`](Self::forward_train) does.
+    pub fn saved_only(&self, x: &[f32], n: usize, rng: &mut Rng) -> LinearSaved {
+        LinearSaved {
+            lora: self
+                .adapter
+                .as_ref()
+                .map(|a| a.saved_only(&self.weight, x, n, rng)),
+        }
+    }
+
     /// Backward: `dx (N, in)` and the gradients. `x` is the input given to `forward_train`.
     pub fn backward(
         &self,

@@ -27,10 +27,8 @@ pub struct MlpSaved {
     down: LinearSaved,
     /// (N, F) gate pre-activation.
     g: Vec<f32>,
-    /// (N, F) up output.
+    /// (N, F) up output. (down_proj's input `silu(g)⊙u` is recomputed in backward.)
     u: Vec<f32>,
-    /// (N, F) input of down_proj.
-    h: Vec<f32>,
 }
 
 /// Gradients of the MLP's trainable tensors.
@@ -68,12 +66,23 @@ impl Mlp {
         self.down_proj.forward(&swiglu(&g, &u), n)
     }
 
-    /// Training forward.
-    pub fn forward_train(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Vec<f32>, MlpSaved) {
+    /// Training forward. Without `need_output` (recomputation for backward) the output is
+    /// empty and down_proj's product is skipped where its backward does not need it.
+    pub fn forward_train(
+        &self,
+        x: &[f32],
+        n: usize,
+        rng: &mut Rng,
+        need_output: bool,
+    ) -> (Vec<f32>, MlpSaved) {
         let (g, gate) = self.gate_proj.forward_train(x, n, rng);
         let (u, up) = self.up_proj.forward_train(x, n, rng);
         let h = swiglu(&g, &u);
-        let (y, down) = self.down_proj.forward_train(&h, n, rng);
+        let (y, down) = if need_output {
+            self.down_proj.forward_train(&h, n, rng)
+        } else {
+            (Vec::new(), self.down_proj.saved_only(&h, n, rng))
+        };
         (
             y,
             MlpSaved {
@@ -82,7 +91,6 @@ impl Mlp {
                 down,
                 g,
                 u,
-                h,
             },
         )
     }
@@ -101,8 +109,8 @@ impl Mlp {
             down,
             g,
             u,
-            h,
         } = saved;
+        let h = swiglu(&g, &u);
         let (dh, gd) = self.down_proj.backward(down, &h, dy, n);
         drop(h);
         let mut dg = vec![0f32; g.len()];
