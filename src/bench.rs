@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::adapter::{AdapterKind, BaseWeight, InitLoraWeights, LoraAdapter};
+use crate::adapter::{AdapterKind, DoraDropout, BaseWeight, InitLoraWeights, LoraAdapter};
 use crate::model::layers::Linear;
 use crate::model::{random, Llama};
 use crate::ops::{self, Rng};
@@ -258,6 +258,11 @@ pub struct TrainLine {
     pub gradient_checkpointing: bool,
     /// Batch × sequence.
     pub batch: String,
+    /// `lora_dropout`.
+    pub lora_dropout: f64,
+    /// DoRA's dropout placement (DoRA modes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dora_dropout: Option<&'static str>,
     /// Mean loss of the last step (sanity).
     pub loss: f64,
 }
@@ -279,6 +284,8 @@ pub struct TrainBenchOptions {
     pub gradient_checkpointing: bool,
     /// LoRA dropout.
     pub lora_dropout: f64,
+    /// DoRA dropout placement.
+    pub dora_dropout: DoraDropout,
 }
 
 /// Real training steps (the `qdora train` code path) on synthetic token ids.
@@ -289,6 +296,7 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
     let cfg = TrainConfig {
         mode: o.mode,
         lora_dropout: o.lora_dropout,
+        dora_dropout: o.dora_dropout,
         batch_size: o.batch_size,
         seq_len: o.seq_len,
         gradient_checkpointing: Some(o.gradient_checkpointing),
@@ -356,6 +364,8 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         peak_rss_mib: ops::peak_rss_mib(),
         gradient_checkpointing: o.gradient_checkpointing,
         batch: format!("{}x{}", o.batch_size, o.seq_len),
+        lora_dropout: o.lora_dropout,
+        dora_dropout: o.mode.dora().then(|| o.dora_dropout.as_str()),
         loss,
     })
 }

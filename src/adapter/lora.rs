@@ -63,7 +63,8 @@ pub struct LoraAdapter {
 }
 
 /// Where DoRA applies `lora_dropout` during training (LoRA has one place only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DoraDropout {
     /// PEFT: `y = base(x) + (k−1)⊙base(x_d) + k⊙s·x_d·AᵀBᵀ`. The magnitude rescaling of the
     /// base output sees the dropped-out input, so training pays a second base product in
@@ -74,6 +75,25 @@ pub enum DoraDropout {
     /// `y = k⊙(base(x) + s·x_d·AᵀBᵀ)`; no second base product. Same parameters, same adapter
     /// file, same inference; a different regulariser during training.
     LoraOnly,
+}
+
+impl DoraDropout {
+    /// Parses `peft` or `lora-only`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "peft" => Some(Self::Peft),
+            "lora-only" => Some(Self::LoraOnly),
+            _ => None,
+        }
+    }
+
+    /// The name [`parse`](Self::parse) accepts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Peft => "peft",
+            Self::LoraOnly => "lora-only",
+        }
+    }
 }
 
 /// What [`LoraAdapter::backward`] needs from the forward pass.

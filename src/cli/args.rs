@@ -86,6 +86,10 @@ pub struct TrainArgs {
     /// LoRA dropout.
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// Where DoRA applies the dropout in training: peft (PEFT's formula, a second base
+    /// product) or lora-only (torchtune's DoRALinear: the low-rank path only).
+    #[arg(long)]
+    pub dora_dropout: Option<String>,
     /// Comma-separated module names, or all-linear.
     #[arg(long)]
     pub target_modules: Option<String>,
@@ -316,6 +320,9 @@ pub struct BenchArgs {
     /// LoRA dropout.
     #[arg(long, default_value_t = 0.1)]
     pub lora_dropout: f64,
+    /// DoRA dropout placement (train): peft | lora-only.
+    #[arg(long, default_value = "peft")]
+    pub dora_dropout: String,
     /// Smaller shapes (quick check).
     #[arg(long)]
     pub quick: bool,

@@ -116,6 +116,10 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     if a.max_steps.is_some() {
         c.max_steps = a.max_steps;
     }
+    if let Some(d) = &a.dora_dropout {
+        c.dora_dropout = crate::adapter::DoraDropout::parse(d)
+            .with_context(|| format!("--dora-dropout {d}: expected peft or lora-only"))?;
+    }
     if let Some(t) = &a.target_modules {
         c.target_modules = t
             .split(',')

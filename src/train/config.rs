@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::DoraDropout;
+
 use super::schedule::Schedule;
 use crate::adapter::{Bias, LoraConfig, TargetModules};
 
@@ -66,6 +68,9 @@ pub struct TrainConfig {
     pub lora_alpha: f64,
     /// Dropout on adapter inputs.
     pub lora_dropout: f64,
+    /// Where DoRA applies the dropout in training: "peft" (also on the magnitude-rescaled base
+    /// term, PEFT's formula; a second base product) or "lora-only" (torchtune's DoRALinear).
+    pub dora_dropout: DoraDropout,
     /// Modules to adapt: names, or ["all-linear"].
     pub target_modules: Vec<String>,
     /// Scaling alpha/√r.
@@ -135,6 +140,7 @@ impl Default for TrainConfig {
             r: 8,
             lora_alpha: 32.0,
             lora_dropout: 0.1,
+            dora_dropout: DoraDropout::Peft,
             target_modules: crate::model::llama::LINEAR_NAMES.map(String::from).to_vec(),
             use_rslora: false,
             init_lora_weights: "true".into(),

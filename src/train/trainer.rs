@@ -211,6 +211,13 @@ pub fn prepare_model(
     lcfg.validate("<train config>")?;
     let mut rng = Rng::new(cfg.seed).fork(7);
     adapters::attach(model, &lcfg, &mut rng)?;
+    for layer in &mut model.layers {
+        for name in crate::model::llama::LINEAR_NAMES {
+            if let Some(a) = &mut layer.linear_mut(name).adapter {
+                a.dora_dropout = cfg.dora_dropout;
+            }
+        }
+    }
     Ok(Some(lcfg))
 }
 
