@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::adapter::{AdapterKind, DoraDropout, BaseWeight, InitLoraWeights, LoraAdapter};
+use crate::adapter::{AdapterKind, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter};
 use crate::model::layers::Linear;
 use crate::model::{random, Llama};
 use crate::ops::{self, Rng};

@@ -128,14 +128,37 @@ impl BaseWeight {
     /// `W · Aᵀ (out × r)` for `A (r × in)`: used for the DoRA norm without forming `W + sBA`.
     pub fn times_at(&self, a: &[f32], r: usize) -> Vec<f32> {
         // (A · Wᵀ)ᵀ: compute A·Wᵀ (r × out) with the forward kernel, then transpose (small).
-        let awt = self.forward(a, r);
-        let out = self.out_features();
-        let mut t = vec![0f32; out * r];
-        for k in 0..r {
-            for o in 0..out {
-                t[o * r + k] = awt[k * out + o];
+        transpose(&self.forward(a, r), r, self.out_features())
+    }
+
+    /// [`forward`](Self::forward) and [`times_at`](Self::times_at) together: a 4-bit weight is
+    /// dequantized once for both.
+    pub fn forward_and_times_at(
+        &self,
+        x: &[f32],
+        n: usize,
+        a: &[f32],
+        r: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            BaseWeight::Dense { .. } => (self.forward(x, n), self.times_at(a, r)),
+            BaseWeight::Quant(q) => {
+                let mut y = vec![0f32; n * q.rows()];
+                let mut awt = vec![0f32; r * q.rows()];
+                q.matmul_t2(x, n, &mut y, a, r, &mut awt);
+                (y, transpose(&awt, r, q.rows()))
             }
         }
-        t
     }
+}
+
+/// `(r × out)` → `(out × r)`.
+fn transpose(awt: &[f32], r: usize, out: usize) -> Vec<f32> {
+    let mut t = vec![0f32; out * r];
+    for k in 0..r {
+        for o in 0..out {
+            t[o * r + k] = awt[k * out + o];
+        }
+    }
+    t
 }

@@ -23,9 +23,20 @@ pub fn weight_norm(
     r: usize,
     scaling: f32,
 ) -> Vec<f32> {
-    let out = base.out_features();
-    let inp = base.in_features();
-    let wat = base.times_at(a, r); // (out × r)
+    weight_norm_with(&base.times_at(a, r), w_norm_sq, a, b, r, scaling)
+}
+
+/// [`weight_norm`] from a given `W·Aᵀ (out × r)` (computed alongside the forward product).
+pub fn weight_norm_with(
+    wat: &[f32],
+    w_norm_sq: &[f32],
+    a: &[f32],
+    b: &[f32],
+    r: usize,
+    scaling: f32,
+) -> Vec<f32> {
+    let out = w_norm_sq.len();
+    let inp = a.len() / r.max(1);
     let aat = ops::matmul_nt(a, r, a, r, inp); // (r × r)
     (0..out)
         .map(|o| {

@@ -274,8 +274,8 @@ impl LoraAdapter {
             Some(d) => lowrank::xd_at(x, n, inp, &self.lora_a, r, Some(d)),
             None => ops::matmul_nt(x, n, &self.lora_a, r, inp),
         };
-        let mut y = base.forward(x, n);
-        let Some(m) = &self.lora_magnitude_vector else {
+        let (Some(m), Some(w2)) = (&self.lora_magnitude_vector, &self.w_norm_sq) else {
+            let mut y = base.forward(x, n);
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
             return (
                 y,
@@ -286,7 +286,8 @@ impl LoraAdapter {
                 },
             );
         };
-        let norm = self.weight_norm(base);
+        let (mut y, wat) = base.forward_and_times_at(x, n, &self.lora_a, r);
+        let norm = dora::weight_norm_with(&wat, w2, &self.lora_a, &self.lora_b, r, s);
         let k = dora::magnitude_scale(m, &norm);
         let base_dropout = self.dora_dropout == DoraDropout::Peft;
         let z = if let (true, Some(d)) = (base_dropout, &dropout) {
@@ -327,9 +328,9 @@ impl LoraAdapter {
                 });
             z
         } else {
-            // z = x·Wᵀ + s·u·Bᵀ;  y = k⊙z.
-            let mut z = y.clone();
-            gemm_acc_ubt(&mut z, &u, &self.lora_b, n, out, r, s);
+            // z = x·Wᵀ + s·u·Bᵀ (built in y's buffer);  y = k⊙z.
+            gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
+            let z = std::mem::replace(&mut y, vec![0f32; n * out]);
             y.par_chunks_mut(out * ROWS)
                 .zip(z.par_chunks(out * ROWS))
                 .for_each(|(yr, zr)| {

@@ -47,7 +47,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 gradient_checkpointing: a.gradient_checkpointing,
                 lora_dropout: a.lora_dropout,
                 dora_dropout: crate::adapter::DoraDropout::parse(&a.dora_dropout).with_context(
-                    || format!("--dora-dropout {}: expected peft or lora-only", a.dora_dropout),
+                    || {
+                        format!(
+                            "--dora-dropout {}: expected peft or lora-only",
+                            a.dora_dropout
+                        )
+                    },
                 )?,
             })?;
             println!("{}", serde_json::to_string(&line)?);

@@ -175,8 +175,28 @@ impl Packed4<'_> {
     /// # Panics
     /// If `x.len() != m * cols` or `y.len() != m * rows`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.matmul_t2(x, m, y, None)
+    }
+
+    /// [`matmul_t`](Self::matmul_t), plus `y2 (M2×rows) = x2 (M2×cols) · Wᵀ` from the same
+    /// dequantized tiles when `second = (x2, M2, y2)` is given (DoRA's `A·Wᵀ` next to the
+    /// forward product, without a second dequantization pass).
+    ///
+    /// # Panics
+    /// If a length does not match its shape.
+    pub fn matmul_t2(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        mut second: Option<(&[f32], usize, &mut [f32])>,
+    ) {
         assert_eq!(x.len(), m * self.cols, "x shape");
         assert_eq!(y.len(), m * self.rows, "y shape");
+        if let Some((x2, m2, y2)) = &second {
+            assert_eq!(x2.len(), m2 * self.cols, "x2 shape");
+            assert_eq!(y2.len(), m2 * self.rows, "y2 shape");
+        }
         let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
@@ -205,6 +225,23 @@ impl Packed4<'_> {
                 self.cols,
                 crate::ops::threads(),
             );
+            if let Some((x2, m2, y2)) = &mut second {
+                crate::ops::gemm(
+                    *m2,
+                    r1 - r0,
+                    self.cols,
+                    &mut y2[r0..],
+                    self.rows,
+                    false,
+                    x2,
+                    self.cols,
+                    1,
+                    t,
+                    1,
+                    self.cols,
+                    crate::ops::threads(),
+                );
+            }
         }
     }
 

@@ -313,6 +313,22 @@ impl QuantizedWeight {
         self.view().matmul_t(x, m, y)
     }
 
+    /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles.
+    ///
+    /// # Panics
+    /// If the lengths do not match `m` and `m2`.
+    pub fn matmul_t2(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        x2: &[f32],
+        m2: usize,
+        y2: &mut [f32],
+    ) {
+        self.view().matmul_t2(x, m, y, Some((x2, m2, y2)))
+    }
+
     /// `dx = dy · W` for `dy` of `m × out`, tiled.
     ///
     /// # Panics

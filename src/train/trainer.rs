@@ -12,7 +12,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::{Mode, TrainConfig};
 use super::data::{self, DataOptions, Sequence};
 use super::error::{Error, Result};
-use super::optim::{clip_grad_norm, AdamW, AdamWOptions};
+use super::optim::{clip_to, AdamW, AdamWOptions};
 use super::plot;
 use crate::adapter::{BaseWeight, LoraConfig};
 use crate::model::adapters;
@@ -368,19 +368,22 @@ pub fn optimizer_step(
     if !loss.is_finite() {
         return Err(non_finite("loss".into(), loss));
     }
-    if let Some((name, g)) = grads.iter().find(|(_, g)| g.iter().any(|v| !v.is_finite())) {
-        let v = g
-            .iter()
-            .find(|v| !v.is_finite())
-            .copied()
-            .unwrap_or(f32::NAN);
-        return Err(non_finite(format!("gradient of {name}"), v as f64));
+    // A NaN or Inf anywhere makes the global norm non-finite; only then look for the culprit.
+    let norm = super::optim::global_norm(&grads);
+    if !norm.is_finite() {
+        if let Some((name, g)) = grads.iter().find(|(_, g)| g.iter().any(|v| !v.is_finite())) {
+            let v = g
+                .iter()
+                .find(|v| !v.is_finite())
+                .copied()
+                .unwrap_or(f32::NAN);
+            return Err(non_finite(format!("gradient of {name}"), v as f64));
+        }
+        return Err(non_finite("gradient norm".into(), norm));
     }
-    let norm = if cfg.max_grad_norm > 0.0 {
-        clip_grad_norm(&mut grads, cfg.max_grad_norm)
-    } else {
-        super::optim::global_norm(&grads)
-    };
+    if cfg.max_grad_norm > 0.0 {
+        clip_to(&mut grads, norm, cfg.max_grad_norm);
+    }
     opt.begin_step();
     let mut by_name: std::collections::HashMap<String, Vec<f32>> = grads.into_iter().collect();
     model.visit_trainable(&mut |name, p| {
