@@ -173,7 +173,7 @@ pub struct LayerLine {
 
 /// Forward + backward of one Linear (out × in) on `tokens` rows: frozen base alone, LoRA, DoRA,
 /// QLoRA, QDoRA (r = 8).
-pub fn layers(quick: bool, dropout: f32) -> Vec<LayerLine> {
+pub fn layers(quick: bool, dropout: f32, dora_dropout: DoraDropout) -> Vec<LayerLine> {
     let tokens = if quick { 128 } else { 512 };
     let shapes: Vec<(usize, usize)> = if quick {
         vec![(1024, 1024), (2752, 1024)]
@@ -199,7 +199,7 @@ pub fn layers(quick: bool, dropout: f32) -> Vec<LayerLine> {
         ] {
             let mut l = Linear::new(base.clone(), None);
             l.adapter = kind.map(|k| {
-                LoraAdapter::new(
+                let mut a = LoraAdapter::new(
                     base,
                     k,
                     8,
@@ -207,7 +207,9 @@ pub fn layers(quick: bool, dropout: f32) -> Vec<LayerLine> {
                     dropout,
                     InitLoraWeights::Random,
                     &mut Rng::new(1),
-                )
+                );
+                a.dora_dropout = dora_dropout;
+                a
             });
             let t = best_of(3, || {
                 let (_, s) = l.forward_train(&x, tokens, &mut Rng::new(2));

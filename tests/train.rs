@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use qdora::adapter::DoraDropout;
 use qdora::model::StepOptions;
 use qdora::ops::Rng;
 use qdora::train::trainer::build_model;
@@ -80,10 +81,18 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
 
 #[test]
 fn gradient_checkpointing_changes_nothing() {
-    for mode in [Mode::Qdora, Mode::Full] {
+    // Recomputation skips down_proj's product where backward does not need it (LoRA, full) and
+    // redraws the dropout masks from their seeds: gradients must stay bit-identical.
+    for (mode, dora_dropout) in [
+        (Mode::Qdora, DoraDropout::Peft),
+        (Mode::Qdora, DoraDropout::LoraOnly),
+        (Mode::Qlora, DoraDropout::Peft),
+        (Mode::Full, DoraDropout::Peft),
+    ] {
         let cfg = TrainConfig {
             mode,
             lora_dropout: 0.2,
+            dora_dropout,
             init_lora_weights: "false".into(),
             ..Default::default()
         };
@@ -101,9 +110,34 @@ fn gradient_checkpointing_changes_nothing() {
         let (l2, _, g2) = run(&mut m, true);
         assert_eq!(l1, l2);
         for ((n1, a), (_, b)) in g1.iter().zip(&g2) {
-            assert_eq!(a, b, "{mode:?}: {n1}");
+            assert_eq!(a, b, "{mode:?} {dora_dropout:?}: {n1}");
         }
     }
+}
+
+#[test]
+fn dora_dropout_placement_is_a_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), 8, 40);
+    let out = dir.path().join("run");
+    let st = train_cmd(&tiny(), &data, &out, 2)
+        .args(["--dora-dropout", "lora-only"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let cfg = std::fs::read_to_string(out.join("train_config.toml")).unwrap();
+    assert!(cfg.contains("dora_dropout = \"lora-only\""), "{cfg}");
+    let bad = train_cmd(&tiny(), &data, &dir.path().join("bad"), 2)
+        .args(["--dora-dropout", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--dora-dropout sometimes"), "{err}");
 }
 
 #[test]

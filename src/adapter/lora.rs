@@ -1,19 +1,24 @@
 //! [`LoraAdapter`]: the trainable part of a LoRA or DoRA layer, as PEFT ≥ 0.14 computes it
 //! (spec §2–3, PEFT `lora/layer.py`, `lora/dora.py`, `lora/variants.py`).
 //!
-//! With `u = x_d·Aᵀ` (`x_d` = dropout(x) in training, x otherwise), `s` the scaling and
-//! `y_b = x·Wᵀ` the base output without bias, the adapter adds `delta` to `y_b + bias`:
+//! The adapter owns its layer's products (bias excluded, the Linear adds it): with
+//! `u = x_d·Aᵀ` (`x_d` = dropout(x) in training, x otherwise), `s` the scaling and
+//! `y_b = x·Wᵀ` the frozen base product:
 //!
-//! - LoRA: `delta = s·u·Bᵀ`.
-//! - DoRA, eval or no dropout: `delta = (k−1)⊙y_b + k⊙s·u·Bᵀ`, i.e. `y = k⊙x(W+sBA)ᵀ + b`.
-//! - DoRA, training with dropout: `delta = (k−1)⊙(x_d·Wᵀ) + k⊙s·u·Bᵀ`.
+//! - LoRA: `y = y_b + s·u·Bᵀ`.
+//! - DoRA, eval or no dropout: `y = k⊙(y_b + s·u·Bᵀ)`, i.e. `y = k⊙x(W+sBA)ᵀ`.
+//! - DoRA, training with dropout, PEFT's form ([`DoraDropout::Peft`]):
+//!   `y = y_b + (k−1)⊙(x_d·Wᵀ) + k⊙s·u·Bᵀ`; torchtune's form ([`DoraDropout::LoraOnly`]):
+//!   `y = k⊙(y_b + s·u·Bᵀ)`.
 //!
 //! where `k = m / ‖W + s·B·A‖_row` with the norm detached (`dora.rs`).
 //!
-//! Gradients (the base weight never gets one): with `dv = s·(g⊙dy)` (`g = k` for DoRA, 1 for
-//! LoRA): `dB = dvᵀ·u`, `du = dv·B`, `dA = duᵀ·x_d`, `dx_d = du·A`; DoRA adds
-//! `dm = Σ_rows dy⊙z / ‖·‖` with `z` the term `k` multiplies, and routes `k⊙dy` (no dropout) or
-//! `(k−1)⊙dy` through the dropped-out base path (dropout).
+//! Gradients (the base weight never gets one): with `g = k⊙dy` for DoRA, `dy` for LoRA:
+//! `dB = s·gᵀ·u`, `du = s·g·B`, `dA = duᵀ·x_d`, `dx = (base) + dropoutᵀ(du·A)`; DoRA adds
+//! `dm = Σ_rows dy⊙z / ‖·‖` with `z` the term `k` multiplies, and routes `k⊙dy` through the
+//! base (no base dropout) or `dy` through the base and `(k−1)⊙dy` through the dropped-out base
+//! product (PEFT's form). Dropout masks come from [`Dropout`]'s seed and are never stored; the
+//! thin products with the mask inside are in `lowrank.rs`.
 
 use std::sync::OnceLock;
 

@@ -320,7 +320,7 @@ pub struct BenchArgs {
     /// LoRA dropout.
     #[arg(long, default_value_t = 0.1)]
     pub lora_dropout: f64,
-    /// DoRA dropout placement (train): peft | lora-only.
+    /// DoRA dropout placement (train, layers): peft | lora-only.
     #[arg(long, default_value = "peft")]
     pub dora_dropout: String,
     /// Smaller shapes (quick check).

@@ -26,7 +26,13 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             }
         }
         "layers" => {
-            for l in bench::layers(a.quick, a.lora_dropout as f32) {
+            let dd = crate::adapter::DoraDropout::parse(&a.dora_dropout).with_context(|| {
+                format!(
+                    "--dora-dropout {}: expected peft or lora-only",
+                    a.dora_dropout
+                )
+            })?;
+            for l in bench::layers(a.quick, a.lora_dropout as f32, dd) {
                 println!("{}", serde_json::to_string(&l)?);
             }
         }

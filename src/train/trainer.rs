@@ -240,13 +240,14 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let q = (c.num_attention_heads * c.head_dim) as f64;
     let kv = (c.num_key_value_heads * c.head_dim) as f64;
     let probs = (cfg.batch_size * c.num_attention_heads * cfg.seq_len * cfg.seq_len) as f64;
-    let dropout_copies = if cfg.mode != Mode::Full && cfg.lora_dropout > 0.0 {
-        n * (4.0 * d + q + 2.0 * f)
+    // DoRA keeps each adapted layer's pre-scale output `z` for the magnitude's gradient
+    // (dropout masks are regenerated from a seed, never stored).
+    let dora_z = if cfg.mode.dora() {
+        n * (q + 2.0 * kv + 2.0 * d + 2.0 * f)
     } else {
         0.0
     };
-    let per_block =
-        4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + probs + 3.0 * n * f + dropout_copies);
+    let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + probs + 2.0 * n * f + dora_z);
     let layers = c.num_hidden_layers as f64;
     let head = 4.0 * (256.0 * c.vocab_size as f64 + 2.0 * n * d);
     let full = per_block * layers + head;
