@@ -63,33 +63,11 @@ impl Dropout {
         (0..len).map(|e| Self::kept(e, keys)).collect()
     }
 
-    /// `dst = dropout(x)`: kept values scaled by `1/(1−p)`, dropped ones 0.
-    ///
-    /// # Panics
-    /// If the lengths differ.
-    pub fn apply(&self, x: &[f32], dst: &mut [f32]) {
-        assert_eq!(x.len(), dst.len(), "dropout: lengths differ");
-        let inv = self.keep_scale();
-        dst.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (d, s))| {
-                let keys = self.keys();
-                for (i, (d, &s)) in d.iter_mut().zip(s).enumerate() {
-                    *d = if Self::kept(c * CHUNK + i, keys) {
-                        s * inv
-                    } else {
-                        0.0
-                    };
-                }
-            });
-    }
-
-    /// Row `row` (of length `x_row.len()`) of `dropout(x)` into `dst`.
+    /// Elements `e0..e0 + x.len()` of `dropout(x)` into `dst`.
     #[inline]
-    pub fn apply_row(&self, x_row: &[f32], row: usize, dst: &mut [f32]) {
-        let (keys, inv, e0) = (self.keys(), self.keep_scale(), row * x_row.len());
-        for (i, (d, &s)) in dst.iter_mut().zip(x_row).enumerate() {
+    fn apply_from(&self, e0: usize, x: &[f32], dst: &mut [f32]) {
+        let (keys, inv) = (self.keys(), self.keep_scale());
+        for (i, (d, &s)) in dst.iter_mut().zip(x).enumerate() {
             *d = if Self::kept(e0 + i, keys) {
                 s * inv
             } else {
@@ -98,17 +76,41 @@ impl Dropout {
         }
     }
 
-    /// Row `row` of [`add_backward`](Self::add_backward): `dst += dropoutᵀ(g_row)`.
+    /// Elements `e0..` of the backward: `dst += dropoutᵀ(g)`.
     #[inline]
-    pub fn add_backward_row(&self, g_row: &[f32], row: usize, dst: &mut [f32]) {
-        let (keys, inv, e0) = (self.keys(), self.keep_scale(), row * g_row.len());
-        for (i, (d, &s)) in dst.iter_mut().zip(g_row).enumerate() {
+    fn add_backward_from(&self, e0: usize, g: &[f32], dst: &mut [f32]) {
+        let (keys, inv) = (self.keys(), self.keep_scale());
+        for (i, (d, &s)) in dst.iter_mut().zip(g).enumerate() {
             *d += if Self::kept(e0 + i, keys) {
                 s * inv
             } else {
                 0.0
             };
         }
+    }
+
+    /// `dst = dropout(x)`: kept values scaled by `1/(1−p)`, dropped ones 0.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn apply(&self, x: &[f32], dst: &mut [f32]) {
+        assert_eq!(x.len(), dst.len(), "dropout: lengths differ");
+        dst.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (d, s))| self.apply_from(c * CHUNK, s, d));
+    }
+
+    /// Row `row` (of length `x_row.len()`) of `dropout(x)` into `dst`.
+    #[inline]
+    pub fn apply_row(&self, x_row: &[f32], row: usize, dst: &mut [f32]) {
+        self.apply_from(row * x_row.len(), x_row, dst);
+    }
+
+    /// Row `row` of [`add_backward`](Self::add_backward): `dst += dropoutᵀ(g_row)`.
+    #[inline]
+    pub fn add_backward_row(&self, g_row: &[f32], row: usize, dst: &mut [f32]) {
+        self.add_backward_from(row * g_row.len(), g_row, dst);
     }
 
     /// `dropout(x)` as a new buffer.
@@ -125,20 +127,10 @@ impl Dropout {
     /// If the lengths differ.
     pub fn add_backward(&self, g: &[f32], dst: &mut [f32]) {
         assert_eq!(g.len(), dst.len(), "dropout: lengths differ");
-        let inv = self.keep_scale();
         dst.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .enumerate()
-            .for_each(|(c, (d, s))| {
-                let keys = self.keys();
-                for (i, (d, &s)) in d.iter_mut().zip(s).enumerate() {
-                    *d += if Self::kept(c * CHUNK + i, keys) {
-                        s * inv
-                    } else {
-                        0.0
-                    };
-                }
-            });
+            .for_each(|(c, (d, s))| self.add_backward_from(c * CHUNK, s, d));
     }
 }
 
