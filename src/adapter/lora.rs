@@ -264,6 +264,18 @@ impl LoraAdapter {
         y
     }
 
+    /// The dropout of this call (its seed drawn from `rng` when `dropout > 0`) and
+    /// `u = x_d·Aᵀ (N, R)`.
+    fn low_rank_input(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Option<Dropout>, Vec<f32>) {
+        let (inp, r) = (self.in_features, self.r);
+        let dropout = (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()));
+        let u = match &dropout {
+            Some(d) => lowrank::xd_at(x, n, inp, &self.lora_a, r, Some(d)),
+            None => ops::matmul_nt(x, n, &self.lora_a, r, inp),
+        };
+        (dropout, u)
+    }
+
     /// Training forward: `y (N, out)` (no bias) and what backward needs. A dropout mask seed
     /// is drawn from `rng` when `dropout > 0`.
     pub fn forward_train(
@@ -273,12 +285,8 @@ impl LoraAdapter {
         n: usize,
         rng: &mut Rng,
     ) -> (Vec<f32>, LoraSaved) {
-        let (inp, out, r, s) = (self.in_features, self.out_features, self.r, self.scaling);
-        let dropout = (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()));
-        let u = match &dropout {
-            Some(d) => lowrank::xd_at(x, n, inp, &self.lora_a, r, Some(d)),
-            None => ops::matmul_nt(x, n, &self.lora_a, r, inp),
-        };
+        let (out, r, s) = (self.out_features, self.r, self.scaling);
+        let (dropout, u) = self.low_rank_input(x, n, rng);
         let (Some(m), Some(w2)) = (&self.lora_magnitude_vector, &self.w_norm_sq) else {
             let mut y = base.forward(x, n);
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
@@ -370,12 +378,7 @@ impl LoraAdapter {
         if self.lora_magnitude_vector.is_some() {
             return self.forward_train(base, x, n, rng).1;
         }
-        let (inp, r) = (self.in_features, self.r);
-        let dropout = (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()));
-        let u = match &dropout {
-            Some(d) => lowrank::xd_at(x, n, inp, &self.lora_a, r, Some(d)),
-            None => ops::matmul_nt(x, n, &self.lora_a, r, inp),
-        };
+        let (dropout, u) = self.low_rank_input(x, n, rng);
         LoraSaved {
             dropout,
             u,
