@@ -7,22 +7,19 @@ use std::path::Path;
 use qdora::io::Checkpoint;
 use qdora::model::{load, LoadOptions};
 
+mod common;
+use common::{ids, max_diff};
+
 fn check(name: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/arch")
         .join(name);
     let mut m = load(&dir, &LoadOptions::default()).unwrap();
     let r = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
-    let t = r.get("input_ids").unwrap();
-    let ids: Vec<u32> = t.to_i64().unwrap().into_iter().map(|x| x as u32).collect();
-    let (b, s) = (t.shape[0], t.shape[1]);
+    let (ids, b, s) = ids(&r, "input_ids");
     let logits = m.logits(&ids, b, s).unwrap();
     let want = r.get("logits").unwrap().to_f32().unwrap();
-    let d = logits
-        .iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let d = max_diff(&logits, &want);
     assert!(d < 1e-4, "{name}: logits max diff {d}");
     let labels = r.get("labels").unwrap().to_i64().unwrap();
     let (sum, n) = m.loss(&ids, &labels, b, s).unwrap();
@@ -37,11 +34,7 @@ fn check(name: &str) {
     for i in 0..s {
         let last = m.forward_cached(&ids[i..i + 1], &mut cache).unwrap();
         let full = &logits[i * v..(i + 1) * v];
-        let d = last
-            .iter()
-            .zip(full)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let d = max_diff(&last, full);
         assert!(d < 1e-4, "{name}: cached step {i} differs by {d}");
     }
 }

@@ -6,6 +6,9 @@ use std::process::Command;
 
 use qdora::io::{Checkpoint, OwnedTensor};
 
+mod common;
+use common::{ids, max_diff};
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -109,11 +112,7 @@ fn logits_command_matches_the_peft_reference() {
     let got = Checkpoint::open(&out).unwrap();
     let a = got.get("logits").unwrap().to_f32().unwrap();
     let b = r.get("logits").unwrap().to_f32().unwrap();
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let diff = max_diff(&a, &b);
     assert!(diff < 1e-4, "logits diff {diff}");
     let loss = got.get("loss").unwrap().to_f32().unwrap()[0];
     let want = r.get("loss").unwrap().to_f32().unwrap()[0];
@@ -161,16 +160,11 @@ fn merge_command_writes_a_model_with_the_merged_logits() {
     ]);
     assert!(ok, "{err}");
     let r = Checkpoint::open(&case.join("reference.safetensors")).unwrap();
-    let t = r.get("input_ids").unwrap();
-    let ids: Vec<u32> = t.to_i64().unwrap().into_iter().map(|x| x as u32).collect();
+    let (ids, b, t) = ids(&r, "input_ids");
     let mut m = qdora::model::load(&out, &Default::default()).unwrap();
-    let logits = m.logits(&ids, t.shape[0], t.shape[1]).unwrap();
+    let logits = m.logits(&ids, b, t).unwrap();
     let want = r.get("logits_merged").unwrap().to_f32().unwrap();
-    let diff = logits
-        .iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let diff = max_diff(&logits, &want);
     assert!(diff < 1e-4, "merged logits diff {diff}");
     // --requantize writes a bitsandbytes checkpoint that loads 4-bit.
     let out4 = d.path().join("merged4");
@@ -261,10 +255,6 @@ fn merging_a_qdora_adapter_uses_the_nf4_base_it_was_trained_on() {
         .unwrap()
         .logits(&ids, 2, 12)
         .unwrap();
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let diff = max_diff(&got, &want);
     assert!(diff < 1e-4, "merged vs unmerged logits differ by {diff}");
 }

@@ -9,22 +9,11 @@ use qdora::model::generate::{generate, GenerateOptions};
 use qdora::model::tokenizer::Tokenizer;
 use qdora::model::{load, LoadOptions};
 
+mod common;
+use common::{ids, max_diff};
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn ids(r: &Checkpoint, key: &str) -> (Vec<u32>, usize, usize) {
-    let t = r.get(key).unwrap();
-    let v = t.to_i64().unwrap().into_iter().map(|x| x as u32).collect();
-    (v, t.shape[0], t.shape[1])
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn check_model(dir: &Path) {

@@ -11,6 +11,9 @@ use qdora::model::adapters::{attach, load_adapter, merge};
 use qdora::model::llama::LINEAR_NAMES;
 use qdora::model::{load, Llama, LoadOptions, StepOptions};
 use qdora::ops::Rng;
+
+mod common;
+use common::{ids, max_diff};
 use qdora::quant::{QuantizeOptions, QuantizedWeight};
 
 fn root() -> PathBuf {
@@ -30,19 +33,10 @@ fn base_of(case: &str) -> PathBuf {
     root().join(c["params"]["base_model"].as_str().unwrap())
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn batch(r: &Checkpoint) -> (Vec<u32>, Vec<i64>, usize, usize) {
-    let t = r.get("input_ids").unwrap();
-    let ids = t.to_i64().unwrap().into_iter().map(|x| x as u32).collect();
+    let (ids, b, t) = ids(r, "input_ids");
     let labels = r.get("labels").unwrap().to_i64().unwrap();
-    (ids, labels, t.shape[0], t.shape[1])
+    (ids, labels, b, t)
 }
 
 fn loaded(case: &str) -> (Llama, LoraConfig, Checkpoint) {
