@@ -73,21 +73,13 @@ impl BaseWeight {
         }
     }
 
-    /// `dx (n × in) [+]= dy (n × out) · W`.
-    pub fn backward_input(&self, dy: &[f32], n: usize, dx: &mut [f32], acc: bool) {
+    /// `dx (n × in) = dy (n × out) · W` (overwrites `dx`).
+    pub fn backward_input(&self, dy: &[f32], n: usize, dx: &mut [f32]) {
         match self {
-            BaseWeight::Dense { w, out, inp } => ops::matmul_nn_into(dy, n, w, *out, *inp, dx, acc),
-            BaseWeight::Quant(q) => {
-                if acc {
-                    let mut tmp = vec![0f32; dx.len()];
-                    q.matmul(dy, n, &mut tmp);
-                    for (d, t) in dx.iter_mut().zip(&tmp) {
-                        *d += t;
-                    }
-                } else {
-                    q.matmul(dy, n, dx);
-                }
+            BaseWeight::Dense { w, out, inp } => {
+                ops::matmul_nn_into(dy, n, w, *out, *inp, dx, false)
             }
+            BaseWeight::Quant(q) => q.matmul(dy, n, dx),
         }
     }
 

@@ -415,7 +415,7 @@ impl LoraAdapter {
             _ => dy,
         };
         let mut dx = vec![0f32; n * inp];
-        base.backward_input(base_dy, n, &mut dx, false);
+        base.backward_input(base_dy, n, &mut dx);
         // dB = s·gᵀ·u, du = s·g·B.
         let mut d_lora_b = vec![0f32; out * r];
         ops::gemm_scaled(
@@ -468,7 +468,7 @@ impl LoraAdapter {
             }
             (Some(d), Some(g1)) => {
                 let mut t = vec![0f32; n * inp];
-                base.backward_input(g1, n, &mut t, false);
+                base.backward_input(g1, n, &mut t);
                 lowrank::add_masked_du_a(&du, n, r, &self.lora_a, inp, Some(&t), Some(d), &mut dx)
             }
         }

@@ -133,7 +133,7 @@ impl Linear {
             }
             _ => {
                 let mut dx = vec![0f32; n * inp];
-                self.weight.backward_input(dy, n, &mut dx, false);
+                self.weight.backward_input(dy, n, &mut dx);
                 dx
             }
         };
