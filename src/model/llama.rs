@@ -386,7 +386,7 @@ impl Llama {
         });
         if let Some(dw) = d_weight {
             match (&mut d_embed, tied) {
-                (Some(de), true) => de.iter_mut().zip(&dw).for_each(|(a, b)| *a += b),
+                (Some(de), true) => crate::ops::add_assign(de, &dw),
                 (None, true) => grads.push(("model.embed_tokens.weight".into(), dw)),
                 (_, false) => grads.push(("lm_head.weight".into(), dw)),
             }

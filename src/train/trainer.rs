@@ -319,7 +319,7 @@ fn accumulate(dst: &mut Grads, src: Grads) {
     }
     for ((dn, d), (sn, s)) in dst.iter_mut().zip(src) {
         debug_assert_eq!(dn, &sn);
-        d.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+        crate::ops::add_assign(d, &s);
     }
 }
 
