@@ -307,22 +307,7 @@ impl LoraAdapter {
             // z = x_d·Wᵀ + s·u·Bᵀ;  y = x·Wᵀ + (k−1)⊙(x_d·Wᵀ) + k⊙(s·u·Bᵀ).
             let mut z = base.forward(&d.applied(x), n);
             let mut v = vec![0f32; n * out];
-            ops::gemm_scaled(
-                n,
-                out,
-                r,
-                &mut v,
-                out,
-                false,
-                &u,
-                r,
-                1,
-                &self.lora_b,
-                1,
-                r,
-                s,
-                ops::threads(),
-            );
+            gemm_acc_ubt(&mut v, &u, &self.lora_b, n, out, r, s);
             y.par_chunks_mut(out * ROWS)
                 .zip(z.par_chunks_mut(out * ROWS))
                 .zip(v.par_chunks(out * ROWS))
