@@ -2,11 +2,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::args::BenchArgs;
 use crate::bench;
-use crate::train::Mode;
 
 /// The preset name, the model folder, or the bundled model.
 fn source(a: &BenchArgs) -> Result<String> {
@@ -26,24 +25,14 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             }
         }
         "layers" => {
-            let dd = crate::adapter::DoraDropout::parse(&a.dora_dropout).with_context(|| {
-                format!(
-                    "--dora-dropout {}: expected peft or lora-only",
-                    a.dora_dropout
-                )
-            })?;
+            let dd = super::parse_dora_dropout(&a.dora_dropout)?;
             for l in bench::layers(a.quick, a.lora_dropout as f32, dd) {
                 println!("{}", serde_json::to_string(&l)?);
             }
         }
         "train" => {
             let source = source(&a)?;
-            let mode = Mode::parse(&a.mode).with_context(|| {
-                format!(
-                    "--mode {}: expected full, lora, dora, qlora or qdora",
-                    a.mode
-                )
-            })?;
+            let mode = super::parse_mode(&a.mode)?;
             let line = bench::train_step(&bench::TrainBenchOptions {
                 source,
                 mode,
@@ -52,14 +41,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 steps: a.steps.max(1),
                 gradient_checkpointing: a.gradient_checkpointing,
                 lora_dropout: a.lora_dropout,
-                dora_dropout: crate::adapter::DoraDropout::parse(&a.dora_dropout).with_context(
-                    || {
-                        format!(
-                            "--dora-dropout {}: expected peft or lora-only",
-                            a.dora_dropout
-                        )
-                    },
-                )?,
+                dora_dropout: super::parse_dora_dropout(&a.dora_dropout)?,
             })?;
             println!("{}", serde_json::to_string(&line)?);
         }

@@ -50,6 +50,18 @@ pub fn main() -> ExitCode {
 }
 
 /// The model folder, or the bundled stories260K.
+/// A `--mode` value.
+fn parse_mode(m: &str) -> Result<crate::train::Mode> {
+    crate::train::Mode::parse(m)
+        .with_context(|| format!("--mode {m}: expected full, lora, dora, qlora or qdora"))
+}
+
+/// A `--dora-dropout` value.
+fn parse_dora_dropout(d: &str) -> Result<crate::adapter::DoraDropout> {
+    crate::adapter::DoraDropout::parse(d)
+        .with_context(|| format!("--dora-dropout {d}: expected peft or lora-only"))
+}
+
 fn model_dir(p: Option<PathBuf>) -> Result<PathBuf> {
     match p {
         Some(p) => Ok(p),

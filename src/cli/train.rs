@@ -91,8 +91,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
         None => TrainConfig::default(),
     };
     if let Some(m) = &a.mode {
-        c.mode = Mode::parse(m)
-            .with_context(|| format!("--mode {m}: expected full, lora, dora, qlora or qdora"))?;
+        c.mode = super::parse_mode(m)?;
     }
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
@@ -117,8 +116,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
         c.max_steps = a.max_steps;
     }
     if let Some(d) = &a.dora_dropout {
-        c.dora_dropout = crate::adapter::DoraDropout::parse(d)
-            .with_context(|| format!("--dora-dropout {d}: expected peft or lora-only"))?;
+        c.dora_dropout = super::parse_dora_dropout(d)?;
     }
     if let Some(t) = &a.target_modules {
         c.target_modules = t
