@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use crate::ops::transpose;
+
 /// Rows of W dequantized per tile in the fused matmuls. 512 rows of a 4096-wide layer are 8 MiB
 /// of f32: large enough that gemm's packing of `x` is amortised, small next to the weight.
 pub const TILE_ROWS: usize = 512;
@@ -117,33 +119,66 @@ mod simd {
         0
     }
 
+    /// The code table for [`Nibbles::dequant8`], the 8-lane dequantization the transposing
+    /// tile writer calls (AVX2 builds; a portable version otherwise, never on a hot path).
+    pub struct Nibbles {
+        code: [f32; 16],
+    }
+
+    impl Nibbles {
+        /// For the code table `code` (code order).
+        pub fn new(code: &[f32; 16]) -> Self {
+            Nibbles { code: *code }
+        }
+
+        /// Codes of `bytes[..4]` (high nibble first) times `scale`.
+        #[inline(always)]
+        pub fn dequant8(&self, bytes: &[u8], scale: f32) -> crate::ops::transpose::simd::Lanes {
+            assert!(bytes.len() >= 4);
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+            // SAFETY: AVX2 is enabled for the whole build; 4 bytes checked above.
+            return unsafe { codes8(bytes, &self.code, scale) };
+            #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+            std::array::from_fn(|i| {
+                let b = bytes[i / 2];
+                let nib = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
+                self.code[nib as usize] * scale
+            })
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn avx2(bytes: &[u8], code: &[f32; 16], scale: f32, dst: &mut [f32]) -> usize {
         use std::arch::x86_64::*;
         let groups = bytes.len() / 4;
         assert!(dst.len() >= groups * 8);
-        let lut_lo = _mm256_loadu_ps(code.as_ptr());
-        let lut_hi = _mm256_loadu_ps(code.as_ptr().add(8));
-        let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
-        let mask = _mm256_set1_epi32(15);
-        let vs = _mm256_set1_ps(scale);
         for g in 0..groups {
-            let w = u32::from_le_bytes([
-                bytes[4 * g],
-                bytes[4 * g + 1],
-                bytes[4 * g + 2],
-                bytes[4 * g + 3],
-            ]);
-            let idx =
-                _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts), mask);
-            let lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-            let hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-            let sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-            let v = _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), vs);
+            let v = codes8(&bytes[4 * g..4 * g + 4], code, scale);
             _mm256_storeu_ps(dst.as_mut_ptr().add(8 * g), v);
         }
         groups * 4
+    }
+
+    /// Codes of `bytes[..4]` (high nibble first) times `scale`, in 8 lanes: the nibbles are
+    /// spread by per-lane shifts and looked up with two 8-entry permutes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn codes8(bytes: &[u8], code: &[f32; 16], scale: f32) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let w = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let lut_lo = _mm256_loadu_ps(code.as_ptr());
+        let lut_hi = _mm256_loadu_ps(code.as_ptr().add(8));
+        let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+        let idx = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
+            _mm256_set1_epi32(15),
+        );
+        let lo = _mm256_permutevar8x32_ps(lut_lo, idx);
+        let hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+        let sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+        _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), _mm256_set1_ps(scale))
     }
 }
 
@@ -198,9 +233,47 @@ impl Packed4<'_> {
             assert_eq!(y2.len(), m2 * self.rows, "y2 shape");
         }
         let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
+        let transposed = transpose::available(self.cols) && self.blocksize % 8 == 0;
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
             let t = &mut tile[..(r1 - r0) * self.cols];
+            if transposed {
+                // t = tileᵀ (cols × rows of the tile): gemm takes it without re-packing
+                self.dequantize_rows_transposed(r0, r1, t);
+                crate::ops::gemm(
+                    m,
+                    r1 - r0,
+                    self.cols,
+                    &mut y[r0..],
+                    self.rows,
+                    false,
+                    x,
+                    self.cols,
+                    1,
+                    t,
+                    r1 - r0,
+                    1,
+                    crate::ops::threads(),
+                );
+                if let Some((x2, m2, y2)) = &mut second {
+                    crate::ops::gemm(
+                        *m2,
+                        r1 - r0,
+                        self.cols,
+                        &mut y2[r0..],
+                        self.rows,
+                        false,
+                        x2,
+                        self.cols,
+                        1,
+                        t,
+                        r1 - r0,
+                        1,
+                        crate::ops::threads(),
+                    );
+                }
+                continue;
+            }
             dequantize_range(
                 self.packed,
                 self.absmax,
@@ -243,6 +316,39 @@ impl Packed4<'_> {
                 );
             }
         }
+    }
+
+    /// Dequantizes rows `r0..r1` of W transposed into `t` (`cols × (r1 − r0)`), bit-identical
+    /// to [`dequantize_range`]. Requires [`transpose::available`]`(cols)` and a block size that
+    /// is a multiple of 8, so that 8 consecutive codes share one scale and 4 whole bytes.
+    fn dequantize_rows_transposed(&self, r0: usize, r1: usize, t: &mut [f32]) {
+        assert!(
+            self.packed.len() * 2 >= r1 * self.cols,
+            "packed data too short"
+        );
+        assert!(
+            self.absmax.len() * self.blocksize >= r1 * self.cols,
+            "absmax too short"
+        );
+        let cols = self.cols;
+        let nibbles = simd::Nibbles::new(self.code);
+        transpose::transpose_with(
+            r0,
+            r1,
+            cols,
+            t,
+            |row, col| {
+                let i = row * cols + col;
+                let scale = self.absmax[i / self.blocksize];
+                nibbles.dequant8(&self.packed[i / 2..i / 2 + 4], scale)
+            },
+            |row, col| {
+                let i = row * cols + col;
+                let b = self.packed[i / 2];
+                let nib = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
+                self.code[nib as usize] * self.absmax[i / self.blocksize]
+            },
+        );
     }
 
     /// `dx (M×cols) = dy (M×rows) · W`, dequantizing W one tile of rows at a time.
@@ -318,8 +424,45 @@ mod tests {
     }
 
     #[test]
+    fn transposed_dequant_is_bit_identical() {
+        let (rows, cols) = (45, 136);
+        let data = sample(rows * cols, 5);
+        let code = QuantType::Nf4.code();
+        let (packed, absmax) = quantize_4bit(&data, QuantType::Nf4, 64).unwrap();
+        let mut want = vec![0f32; rows * cols];
+        dequantize_4bit_ref(&packed, &absmax, &code, 64, &mut want);
+        let p = Packed4 {
+            packed: &packed,
+            absmax: &absmax,
+            code: &code,
+            blocksize: 64,
+            rows,
+            cols,
+        };
+        if !transpose::available(cols) {
+            return;
+        }
+        for (r0, r1) in [(0, rows), (3, 40), (32, 48.min(rows))] {
+            let mut t = vec![f32::NAN; cols * (r1 - r0)];
+            p.dequantize_rows_transposed(r0, r1, &mut t);
+            for r in r0..r1 {
+                for c in 0..cols {
+                    let got = t[c * (r1 - r0) + r - r0];
+                    assert_eq!(got.to_bits(), want[r * cols + c].to_bits(), "({r}, {c})");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn fused_matmuls_equal_dense() {
-        let (rows, cols, m) = (300, 96, 7);
+        // two tiles with a partial row group; then a width the transposed path cannot take
+        for (rows, cols, m) in [(600, 96, 7), (37, 100, 5)] {
+            fused_matmuls_equal_dense_for(rows, cols, m);
+        }
+    }
+
+    fn fused_matmuls_equal_dense_for(rows: usize, cols: usize, m: usize) {
         let w = sample(rows * cols, 2);
         let x = sample(m * cols, 3);
         let dy = sample(m * rows, 4);

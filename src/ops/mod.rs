@@ -10,6 +10,8 @@ use gemm::Parallelism;
 
 pub use candle_core::Result;
 
+pub mod transpose;
+
 /// Runs `f` on the contiguous f32 data of `t` without copying (copies only if `t` is strided
 /// or not f32).
 ///
@@ -156,9 +158,14 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// `y (n×out) = x (n×in) · wᵀ` for a row-major `w (out×in)`.
+/// `y (n×out) = x (n×in) · wᵀ` for a row-major `w (out×in)`. Weight-sized products take
+/// transposed tiles of `w` ([`transpose`]); thin ones go to gemm directly.
 pub fn matmul_nt(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * out];
+    if n >= 64 && out >= 256 && transpose::available(inp) {
+        transpose::matmul_nt_tiled(x, n, w, out, inp, &mut y);
+        return y;
+    }
     gemm(
         n,
         out,
