@@ -10,6 +10,7 @@ use gemm::Parallelism;
 
 pub use candle_core::Result;
 
+pub mod lanes;
 pub mod transpose;
 
 /// Runs `f` on the contiguous f32 data of `t` without copying (copies only if `t` is strided
@@ -492,4 +493,3 @@ pub fn sum(a: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + r.iter().sum::<f32>()
 }
-

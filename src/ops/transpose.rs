@@ -7,11 +7,13 @@
 //! tile of rows of W transposed into a reused buffer — straight from the 4-bit codes for a
 //! quantized weight, or from f32 rows — costs one streaming pass and removes the re-packing.
 //!
-//! The fast path needs AVX2 at compile time (the crate builds with `target-cpu=native`) and a
+//! The fast path needs AVX2 and FMA at compile time (the crate builds with `target-cpu=native`) and a
 //! row length that is a multiple of 8; [`available`] says whether a product can take it, and
 //! callers keep the plain route otherwise.
 
 use rayon::prelude::*;
+
+use super::lanes::F8;
 
 /// Columns of W (rows of the transposed tile) one parallel task writes: 128 columns are one
 /// cache line of 4-bit codes per row.
@@ -22,7 +24,12 @@ pub const TILE_ROWS: usize = 512;
 
 /// Whether rows of `cols` elements can be transposed by the vector kernel on this build.
 pub fn available(cols: usize) -> bool {
-    cfg!(all(target_arch = "x86_64", target_feature = "avx2")) && cols % 8 == 0 && cols > 0
+    cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )) && cols % 8 == 0
+        && cols > 0
 }
 
 /// Writes rows `r0..r1` of a row-major `(rows × cols)` matrix `w`, transposed, into `t`
@@ -37,9 +44,7 @@ pub fn transpose_rows(w: &[f32], cols: usize, r0: usize, r1: usize, t: &mut [f32
         r1,
         cols,
         t,
-        // SAFETY (both loaders): rows < r1 and columns < cols, so every index is inside `w`
-        // (asserted above); `col + 8 <= cols` for the 8-wide load.
-        |row, col| unsafe { simd::load8(w.as_ptr().add(row * cols + col)) },
+        |row, col| F8::load(&w[row * cols + col..]),
         |row, col| w[row * cols + col],
     );
 }
@@ -58,7 +63,7 @@ pub(crate) fn transpose_with<L, S>(
     load8: L,
     load1: S,
 ) where
-    L: Fn(usize, usize) -> simd::Lanes + Sync,
+    L: Fn(usize, usize) -> F8 + Sync,
     S: Fn(usize, usize) -> f32 + Sync,
 {
     assert!(
@@ -78,13 +83,12 @@ pub(crate) fn transpose_with<L, S>(
             let ncols = chunk.len() / rr;
             for g in (0..full).step_by(16) {
                 for c in (0..ncols).step_by(8) {
-                    let lo = simd::transpose8(std::array::from_fn(|i| load8(r0 + g + i, c0 + c)));
-                    let hi =
-                        simd::transpose8(std::array::from_fn(|i| load8(r0 + g + 8 + i, c0 + c)));
+                    let lo = F8::transpose(std::array::from_fn(|i| load8(r0 + g + i, c0 + c)));
+                    let hi = F8::transpose(std::array::from_fn(|i| load8(r0 + g + 8 + i, c0 + c)));
                     for j in 0..8 {
                         let dst = &mut chunk[(c + j) * rr + g..(c + j) * rr + g + 16];
-                        simd::store8(&mut dst[..8], lo[j]);
-                        simd::store8(&mut dst[8..], hi[j]);
+                        lo[j].store(&mut dst[..8]);
+                        hi[j].store(&mut dst[8..]);
                     }
                 }
             }
@@ -120,97 +124,6 @@ pub fn matmul_nt_tiled(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize, y
             super::threads(),
         );
     }
-}
-
-/// The 8-lane pieces: AVX2 where compiled in, never called otherwise ([`available`] is false).
-pub(crate) mod simd {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    mod imp {
-        use std::arch::x86_64::*;
-
-        /// Eight f32 lanes.
-        pub type Lanes = __m256;
-
-        /// Loads 8 f32 from `p`.
-        ///
-        /// # Safety
-        /// `p..p + 8` must be readable.
-        #[inline(always)]
-        pub unsafe fn load8(p: *const f32) -> Lanes {
-            _mm256_loadu_ps(p)
-        }
-
-        /// Stores the lanes into `dst[..8]`.
-        #[inline(always)]
-        pub fn store8(dst: &mut [f32], v: Lanes) {
-            assert!(dst.len() >= 8);
-            // SAFETY: 8 elements checked above; AVX2 is enabled for the whole build.
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) }
-        }
-
-        /// 8×8 transpose: lane `i` of output `j` is lane `j` of input `i`.
-        #[inline(always)]
-        pub fn transpose8(r: [Lanes; 8]) -> [Lanes; 8] {
-            // SAFETY: register-only intrinsics; AVX2 is enabled for the whole build.
-            unsafe {
-                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ]
-            }
-        }
-    }
-
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    mod imp {
-        /// Eight f32 lanes (portable stand-in; the vector path is not taken on this build).
-        pub type Lanes = [f32; 8];
-
-        /// Loads 8 f32 from `p`.
-        ///
-        /// # Safety
-        /// `p..p + 8` must be readable.
-        #[inline(always)]
-        pub unsafe fn load8(p: *const f32) -> Lanes {
-            std::array::from_fn(|i| *p.add(i))
-        }
-
-        /// Stores the lanes into `dst[..8]`.
-        #[inline(always)]
-        pub fn store8(dst: &mut [f32], v: Lanes) {
-            dst[..8].copy_from_slice(&v);
-        }
-
-        /// 8×8 transpose.
-        #[inline(always)]
-        pub fn transpose8(r: [Lanes; 8]) -> [Lanes; 8] {
-            std::array::from_fn(|j| std::array::from_fn(|i| r[i][j]))
-        }
-    }
-
-    pub use imp::*;
 }
 
 #[cfg(test)]

@@ -119,6 +119,8 @@ mod simd {
         0
     }
 
+    use crate::ops::lanes::F8;
+
     /// The code table for [`Nibbles::dequant8`], the 8-lane dequantization the transposing
     /// tile writer calls (AVX2 builds; a portable version otherwise, never on a hot path).
     pub struct Nibbles {
@@ -133,17 +135,29 @@ mod simd {
 
         /// Codes of `bytes[..4]` (high nibble first) times `scale`.
         #[inline(always)]
-        pub fn dequant8(&self, bytes: &[u8], scale: f32) -> crate::ops::transpose::simd::Lanes {
+        pub fn dequant8(&self, bytes: &[u8], scale: f32) -> F8 {
             assert!(bytes.len() >= 4);
-            #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma"
+            ))]
             // SAFETY: AVX2 is enabled for the whole build; 4 bytes checked above.
-            return unsafe { codes8(bytes, &self.code, scale) };
-            #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-            std::array::from_fn(|i| {
-                let b = bytes[i / 2];
-                let nib = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
-                self.code[nib as usize] * scale
-            })
+            return F8::from_m256(unsafe { codes8(bytes, &self.code, scale) });
+            #[cfg(not(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma"
+            )))]
+            {
+                let mut v = [0f32; 8];
+                for (i, x) in v.iter_mut().enumerate() {
+                    let b = bytes[i / 2];
+                    let nib = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
+                    *x = self.code[nib as usize] * scale;
+                }
+                F8::load(&v)
+            }
         }
     }
 
