@@ -6,6 +6,8 @@
 
 use rayon::prelude::*;
 
+use crate::ops::lanes::{F8, U8};
+
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;
 
@@ -37,6 +39,17 @@ impl Dropout {
     /// Factor of kept values, `1/(1−p)`.
     pub fn keep_scale(&self) -> f32 {
         1.0 / (1.0 - self.p)
+    }
+
+    /// The mask as per-lane factors for the fused low-rank kernels.
+    pub fn lane_mask(&self) -> LaneMask {
+        let (k1, k2, th) = self.keys();
+        LaneMask {
+            k1,
+            k2,
+            th,
+            inv: self.keep_scale(),
+        }
     }
 
     /// The hash threshold: kept iff `hash ≥ threshold`.
@@ -134,6 +147,31 @@ impl Dropout {
     }
 }
 
+/// A [`Dropout`]'s mask as factors: `0` for a dropped element, `1/(1−p)` for a kept one, so a
+/// kernel builds `x_d = x ⊙ factors` a few lanes at a time, in registers.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneMask {
+    k1: u32,
+    k2: u32,
+    th: u32,
+    inv: f32,
+}
+
+impl LaneMask {
+    /// Factors of elements `e0..e0 + 8` (flat indices of the call's tensor): the same hash
+    /// as [`Dropout`]'s, eight lanes at a time.
+    #[inline(always)]
+    pub fn factors8(&self, e0: usize) -> F8 {
+        let fmix = |h: U8| {
+            let h = (h ^ h.shr::<16>()) * U8::splat(0x85EB_CA6B);
+            let h = (h ^ h.shr::<13>()) * U8::splat(0xC2B2_AE35);
+            h ^ h.shr::<16>()
+        };
+        let e = U8::iota(e0 as u32) + U8::splat(self.k1);
+        fmix(fmix(e) ^ U8::splat(self.k2)).select_ge(self.th, self.inv)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +187,20 @@ mod tests {
             let y = d.applied(&x);
             let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
             assert!((mean - 1.0).abs() < 1e-2, "p {p}: mean {mean}");
+        }
+    }
+
+    #[test]
+    fn lane_factors_follow_the_mask() {
+        let d = Dropout::new(0.3, 0xfeed_beef_1234);
+        let mask = d.keep_mask(1000);
+        let lanes = d.lane_mask();
+        for e0 in [0usize, 5, 992] {
+            let f = lanes.factors8(e0).to_array();
+            for l in 0..8 {
+                let want = if mask[e0 + l] { d.keep_scale() } else { 0.0 };
+                assert_eq!(f[l], want, "element {}", e0 + l);
+            }
         }
     }
 

@@ -249,7 +249,7 @@ impl LoraAdapter {
     pub fn forward(&self, base: &BaseWeight, x: &[f32], n: usize) -> Vec<f32> {
         let (inp, out, r, s) = (self.in_features, self.out_features, self.r, self.scaling);
         let mut y = base.forward(x, n);
-        let u = ops::matmul_nt(x, n, &self.lora_a, r, inp);
+        let u = lowrank::xd_at(x, n, inp, &self.lora_a, r, None);
         gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
         if self.lora_magnitude_vector.is_some() {
             let k = self
@@ -269,10 +269,7 @@ impl LoraAdapter {
     fn low_rank_input(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Option<Dropout>, Vec<f32>) {
         let (inp, r) = (self.in_features, self.r);
         let dropout = (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()));
-        let u = match &dropout {
-            Some(d) => lowrank::xd_at(x, n, inp, &self.lora_a, r, Some(d)),
-            None => ops::matmul_nt(x, n, &self.lora_a, r, inp),
-        };
+        let u = lowrank::xd_at(x, n, inp, &self.lora_a, r, dropout.as_ref());
         (dropout, u)
     }
 
@@ -402,61 +399,25 @@ impl LoraAdapter {
         let mut dx = vec![0f32; n * inp];
         base.backward_input(base_dy, n, &mut dx);
         // dB = s·gᵀ·u, du = s·g·B.
-        let mut d_lora_b = vec![0f32; out * r];
-        ops::gemm_scaled(
-            out,
-            r,
-            n,
-            &mut d_lora_b,
-            r,
-            false,
-            g,
-            1,
-            out,
-            &u,
-            r,
-            1,
-            s,
-            ops::threads(),
-        );
-        let mut du = vec![0f32; n * r];
-        ops::gemm_scaled(
-            n,
-            r,
-            out,
-            &mut du,
-            r,
-            false,
-            g,
-            out,
-            1,
-            &self.lora_b,
-            r,
-            1,
-            s,
-            ops::threads(),
-        );
+        let (d_lora_b, du) = lowrank::grad_b_and_du(g, n, out, &u, &self.lora_b, r, s);
         drop(kdy);
         // dA = duᵀ·x_d;  dx += dropoutᵀ(du·A [+ ((k−1)⊙dy)·W]).
-        let d_lora_a = match &dropout {
-            Some(d) => lowrank::dut_xd(&du, n, r, x, inp, Some(d)),
-            None => {
-                let mut da = vec![0f32; r * inp];
-                ops::matmul_tn_into(&du, r, x, inp, n, &mut da, false);
-                da
-            }
-        };
-        match (&dropout, &km1dy) {
-            (None, _) => ops::matmul_nn_into(&du, n, &self.lora_a, r, inp, &mut dx, true),
-            (Some(d), None) => {
-                lowrank::add_masked_du_a(&du, n, r, &self.lora_a, inp, None, Some(d), &mut dx)
-            }
-            (Some(d), Some(g1)) => {
-                let mut t = vec![0f32; n * inp];
-                base.backward_input(g1, n, &mut t);
-                lowrank::add_masked_du_a(&du, n, r, &self.lora_a, inp, Some(&t), Some(d), &mut dx)
-            }
-        }
+        let extra = km1dy.as_ref().map(|g1| {
+            let mut t = vec![0f32; n * inp];
+            base.backward_input(g1, n, &mut t);
+            t
+        });
+        let d_lora_a = lowrank::grad_a_and_dx(
+            &du,
+            n,
+            r,
+            x,
+            &self.lora_a,
+            inp,
+            extra.as_deref(),
+            dropout.as_ref(),
+            &mut dx,
+        );
         (
             dx,
             LoraGrads {
