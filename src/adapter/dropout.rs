@@ -114,18 +114,6 @@ impl Dropout {
             .for_each(|(c, (d, s))| self.apply_from(c * CHUNK, s, d));
     }
 
-    /// Row `row` (of length `x_row.len()`) of `dropout(x)` into `dst`.
-    #[inline]
-    pub fn apply_row(&self, x_row: &[f32], row: usize, dst: &mut [f32]) {
-        self.apply_from(row * x_row.len(), x_row, dst);
-    }
-
-    /// Row `row` of [`add_backward`](Self::add_backward): `dst += dropoutᵀ(g_row)`.
-    #[inline]
-    pub fn add_backward_row(&self, g_row: &[f32], row: usize, dst: &mut [f32]) {
-        self.add_backward_from(row * g_row.len(), g_row, dst);
-    }
-
     /// `dropout(x)` as a new buffer.
     pub fn applied(&self, x: &[f32]) -> Vec<f32> {
         let mut d = vec![0f32; x.len()];
