@@ -251,82 +251,56 @@ impl Packed4<'_> {
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
             let t = &mut tile[..(r1 - r0) * self.cols];
-            if transposed {
-                // t = tileᵀ (cols × rows of the tile): gemm takes it without re-packing
+            // The tile as gemm's rhs (element (k, n) = W[r0 + n][k]) and its strides: written
+            // transposed when it can be (gemm then reads it without re-packing), else as rows.
+            let (rs, cs) = if transposed {
                 self.dequantize_rows_transposed(r0, r1, t);
-                crate::ops::gemm(
-                    m,
-                    r1 - r0,
-                    self.cols,
-                    &mut y[r0..],
-                    self.rows,
-                    false,
-                    x,
-                    self.cols,
-                    1,
+                (r1 - r0, 1)
+            } else {
+                let start = r0 * self.cols;
+                dequantize_range(
+                    self.packed,
+                    self.absmax,
+                    self.code,
+                    self.blocksize,
+                    start,
                     t,
-                    r1 - r0,
-                    1,
-                    crate::ops::threads(),
                 );
-                if let Some((x2, m2, y2)) = &mut second {
-                    crate::ops::gemm(
-                        *m2,
-                        r1 - r0,
-                        self.cols,
-                        &mut y2[r0..],
-                        self.rows,
-                        false,
-                        x2,
-                        self.cols,
-                        1,
-                        t,
-                        r1 - r0,
-                        1,
-                        crate::ops::threads(),
-                    );
-                }
-                continue;
-            }
-            dequantize_range(
-                self.packed,
-                self.absmax,
-                self.code,
-                self.blocksize,
-                r0 * self.cols,
-                t,
-            );
-            // rhs = tileᵀ: element (k, n) at tile[n*cols + k]
+                (1, self.cols)
+            };
+            let threads = crate::ops::threads();
+            let (k, rows) = (self.cols, self.rows);
             crate::ops::gemm(
                 m,
                 r1 - r0,
-                self.cols,
+                k,
                 &mut y[r0..],
-                self.rows,
+                rows,
                 false,
                 x,
-                self.cols,
+                k,
                 1,
                 t,
-                1,
-                self.cols,
-                crate::ops::threads(),
+                rs,
+                cs,
+                threads,
             );
             if let Some((x2, m2, y2)) = &mut second {
+                let y2 = &mut y2[r0..];
                 crate::ops::gemm(
                     *m2,
                     r1 - r0,
-                    self.cols,
-                    &mut y2[r0..],
-                    self.rows,
+                    k,
+                    y2,
+                    rows,
                     false,
                     x2,
-                    self.cols,
+                    k,
                     1,
                     t,
-                    1,
-                    self.cols,
-                    crate::ops::threads(),
+                    rs,
+                    cs,
+                    threads,
                 );
             }
         }
