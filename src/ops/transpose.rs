@@ -2,14 +2,15 @@
 //!
 //! gemm's microkernel reads its left operand in columns. In `y = x·Wᵀ` that operand is W, whose
 //! rows are contiguous along the reduction axis, so gemm re-packs W for every block of tokens:
-//! with AVX-512 kernels a 1024×1024 weight times 1024 tokens ran at 260 GFLOP/s this way and at
-//! 350 GFLOP/s when the same tile arrives transposed (`Wᵀ`, rows = input features). Writing each
-//! tile of rows of W transposed into a reused buffer — straight from the 4-bit codes for a
-//! quantized weight, or from f32 rows — costs one streaming pass and removes the re-packing.
+//! with AVX-512 kernels a 1024×1024 weight times 1024 tokens ran at 250–290 GFLOP/s that way and
+//! at 330–357 GFLOP/s when the tile arrived already transposed (`Wᵀ`, rows = input features).
+//! Writing the tile transposed costs a streaming pass: for a 4-bit weight, whose tile has to be
+//! written anyway, it is free (nf4 forward 203–215 → 253–260 GFLOP/s); for dense weights it pays
+//! only while the tiles stay in cache (see `ops::matmul_nt`).
 //!
-//! The fast path needs AVX2 and FMA at compile time (the crate builds with `target-cpu=native`) and a
-//! row length that is a multiple of 8; [`available`] says whether a product can take it, and
-//! callers keep the plain route otherwise.
+//! The fast path needs AVX2 and FMA at compile time (the crate builds with
+//! `target-cpu=native`) and a row length that is a multiple of 8; [`available`] says whether a
+//! product can take it, and callers keep the plain route otherwise.
 
 use rayon::prelude::*;
 
