@@ -411,22 +411,50 @@ mod tests {
         }
     }
 
+    /// A random `rows × cols` weight quantized with block size 64, and its reference
+    /// dequantization.
+    struct Sample {
+        packed: Vec<u8>,
+        absmax: Vec<f32>,
+        code: [f32; 16],
+        dequantized: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    }
+
+    impl Sample {
+        fn new(rows: usize, cols: usize, qt: QuantType, seed: u64) -> Self {
+            let code = qt.code();
+            let (packed, absmax) = quantize_4bit(&sample(rows * cols, seed), qt, 64).unwrap();
+            let mut dequantized = vec![0f32; rows * cols];
+            dequantize_4bit_ref(&packed, &absmax, &code, 64, &mut dequantized);
+            Sample {
+                packed,
+                absmax,
+                code,
+                dequantized,
+                rows,
+                cols,
+            }
+        }
+
+        fn view(&self) -> Packed4<'_> {
+            Packed4 {
+                packed: &self.packed,
+                absmax: &self.absmax,
+                code: &self.code,
+                blocksize: 64,
+                rows: self.rows,
+                cols: self.cols,
+            }
+        }
+    }
+
     #[test]
     fn transposed_dequant_is_bit_identical() {
         let (rows, cols) = (45, 136);
-        let data = sample(rows * cols, 5);
-        let code = QuantType::Nf4.code();
-        let (packed, absmax) = quantize_4bit(&data, QuantType::Nf4, 64).unwrap();
-        let mut want = vec![0f32; rows * cols];
-        dequantize_4bit_ref(&packed, &absmax, &code, 64, &mut want);
-        let p = Packed4 {
-            packed: &packed,
-            absmax: &absmax,
-            code: &code,
-            blocksize: 64,
-            rows,
-            cols,
-        };
+        let q = Sample::new(rows, cols, QuantType::Nf4, 5);
+        let (p, want) = (q.view(), &q.dequantized);
         if !transpose::available(cols) {
             return;
         }
@@ -451,21 +479,10 @@ mod tests {
     }
 
     fn fused_matmuls_equal_dense_for(rows: usize, cols: usize, m: usize) {
-        let w = sample(rows * cols, 2);
+        let q = Sample::new(rows, cols, QuantType::Fp4, 2);
         let x = sample(m * cols, 3);
         let dy = sample(m * rows, 4);
-        let code = QuantType::Fp4.code();
-        let (packed, absmax) = quantize_4bit(&w, QuantType::Fp4, 64).unwrap();
-        let mut wd = vec![0f32; rows * cols];
-        dequantize_4bit_ref(&packed, &absmax, &code, 64, &mut wd);
-        let p = Packed4 {
-            packed: &packed,
-            absmax: &absmax,
-            code: &code,
-            blocksize: 64,
-            rows,
-            cols,
-        };
+        let (p, wd) = (q.view(), &q.dequantized);
         let mut y = vec![0f32; m * rows];
         p.matmul_t(&x, m, &mut y);
         let mut dx = vec![0f32; m * cols];
