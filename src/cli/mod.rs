@@ -49,7 +49,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The model folder, or the bundled stories260K.
 /// A `--mode` value.
 fn parse_mode(m: &str) -> Result<crate::train::Mode> {
     crate::train::Mode::parse(m)
@@ -62,6 +61,7 @@ fn parse_dora_dropout(d: &str) -> Result<crate::adapter::DoraDropout> {
         .with_context(|| format!("--dora-dropout {d}: expected peft or lora-only"))
 }
 
+/// The model folder, or the bundled stories260K.
 fn model_dir(p: Option<PathBuf>) -> Result<PathBuf> {
     match p {
         Some(p) => Ok(p),
