@@ -249,7 +249,9 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     };
     let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + probs + 2.0 * n * f + dora_z);
     let layers = c.num_hidden_layers as f64;
-    let head = 4.0 * (256.0 * c.vocab_size as f64 + 2.0 * n * d);
+    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
+    let chunk = crate::model::loss::CHUNK_ROWS as f64;
+    let head = 4.0 * (chunk * c.vocab_size as f64 + 2.0 * n * d);
     let full = per_block * layers + head;
     let ckpt = 4.0 * n * d * layers + 2.0 * per_block + head;
     (mib(weights), mib(states), mib(ckpt), mib(full))
