@@ -476,10 +476,7 @@ fn dora_output_grads(
                 }
             });
     }
-    let mut dm = vec![0f32; out];
-    for p in &partials {
-        dm.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-    }
+    let mut dm = lowrank::reduce_parts(&partials, out);
     for (v, nn) in dm.iter_mut().zip(&d.norm) {
         *v /= nn.max(dora::NORM_EPS);
     }

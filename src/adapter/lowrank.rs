@@ -57,8 +57,9 @@ fn pad_rows(m: &[f32], rows: usize, rows8: usize, cols: usize) -> std::borrow::C
 }
 
 /// Adds the per-block partial sums `parts` (block order) over their first `len` elements, in
-/// parallel over fixed ranges of the result.
-fn reduce_parts(parts: &[Vec<f32>], len: usize) -> Vec<f32> {
+/// parallel over fixed ranges of the result; the order of the additions, and so the result,
+/// does not depend on the thread count.
+pub(crate) fn reduce_parts(parts: &[Vec<f32>], len: usize) -> Vec<f32> {
     const CHUNK: usize = 1 << 12;
     let mut out = vec![0f32; len];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
