@@ -65,7 +65,7 @@ pub fn head_loss(
     };
     let mut d_weight = (backward && weight_grad).then(|| vec![0f32; v * d]);
     let mut loss_sum = 0f64;
-    for chunk in rows.chunks(CHUNK_ROWS) {
+    for (ci, chunk) in rows.chunks(CHUNK_ROWS).enumerate() {
         let c = chunk.len();
         let mut x = vec![0f32; c * d];
         for (k, &r) in chunk.iter().enumerate() {
@@ -100,7 +100,10 @@ pub fn head_loss(
                 d_hidden[r * d..(r + 1) * d].copy_from_slice(&dx[k * d..(k + 1) * d]);
             }
             if let Some(dw) = &mut d_weight {
-                ops::matmul_tn_into(&logits, v, &x, d, c, dw, true);
+                // The first chunk writes: accumulating onto the fresh zeroed buffer made gemm
+                // read every untouched page first (a read fault, then a copy-on-write fault),
+                // 1.1 s instead of 0.3 s for a 32000×1024 head.
+                ops::matmul_tn_into(&logits, v, &x, d, c, dw, ci > 0);
             }
         }
     }
