@@ -12,7 +12,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::{Mode, TrainConfig};
 use super::data::{self, DataOptions, Sequence};
 use super::error::{Error, Result};
-use super::optim::{clip_to, AdamW, AdamWOptions};
+use super::optim::{clip_coefficient, AdamW, AdamWOptions};
 use super::plot;
 use crate::adapter::{BaseWeight, LoraConfig};
 use crate::model::adapters;
@@ -384,14 +384,16 @@ pub fn optimizer_step(
         }
         return Err(non_finite("gradient norm".into(), norm));
     }
-    if cfg.max_grad_norm > 0.0 {
-        clip_to(&mut grads, norm, cfg.max_grad_norm);
-    }
+    let grad_scale = if cfg.max_grad_norm > 0.0 {
+        clip_coefficient(norm, cfg.max_grad_norm)
+    } else {
+        1.0
+    };
     opt.begin_step();
     let mut by_name: std::collections::HashMap<String, Vec<f32>> = grads.into_iter().collect();
     model.visit_trainable(&mut |name, p| {
         if let Some(g) = by_name.remove(name) {
-            opt.update(name, p, &g, lr);
+            opt.update(name, p, &g, grad_scale, lr);
         }
     });
     Ok((loss, norm))
