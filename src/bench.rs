@@ -113,8 +113,7 @@ pub fn quant(quick: bool) -> Vec<QuantLine> {
         let flops = 2.0 * (m * n * k) as f64;
         let shape = format!("[{m}x{k}]·[{n}x{k}]ᵀ");
         let td = best_of(3, || sink += ops::matmul_nt(&x, m, &wd, n, k)[0]);
-        let mut y = vec![0f32; m * n];
-        let tq = best_of(3, || qw.matmul_t(&x, m, &mut y));
+        let tq = best_of(3, || sink += qw.matmul_t(&x, m)[0]);
         out.push(QuantLine {
             op: "matmul f32 y=x·Wᵀ".into(),
             shape: shape.clone(),
@@ -132,9 +131,8 @@ pub fn quant(quick: bool) -> Vec<QuantLine> {
             vs_dense: Some(td / tq),
         });
         let dy = data(m * n, 4);
-        let mut dx = vec![0f32; m * k];
-        let td = best_of(3, || ops::matmul_nn_into(&dy, m, &wd, n, k, &mut dx, false));
-        let tq = best_of(3, || qw.matmul(&dy, m, &mut dx));
+        let td = best_of(3, || sink += ops::matmul_nn(&dy, m, &wd, n, k)[0]);
+        let tq = best_of(3, || sink += qw.matmul(&dy, m)[0]);
         out.push(QuantLine {
             op: "matmul f32 dx=dy·W".into(),
             shape: shape.clone(),

@@ -65,21 +65,15 @@ impl BaseWeight {
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         match self {
             BaseWeight::Dense { w, out, inp } => ops::matmul_nt(x, n, w, *out, *inp),
-            BaseWeight::Quant(q) => {
-                let mut y = vec![0f32; n * q.rows()];
-                q.matmul_t(x, n, &mut y);
-                y
-            }
+            BaseWeight::Quant(q) => q.matmul_t(x, n),
         }
     }
 
-    /// `dx (n × in) = dy (n × out) · W` (overwrites `dx`).
-    pub fn backward_input(&self, dy: &[f32], n: usize, dx: &mut [f32]) {
+    /// `dx (n × in) = dy (n × out) · W`.
+    pub fn backward_input(&self, dy: &[f32], n: usize) -> Vec<f32> {
         match self {
-            BaseWeight::Dense { w, out, inp } => {
-                ops::matmul_nn_into(dy, n, w, *out, *inp, dx, false)
-            }
-            BaseWeight::Quant(q) => q.matmul(dy, n, dx),
+            BaseWeight::Dense { w, out, inp } => ops::matmul_nn(dy, n, w, *out, *inp),
+            BaseWeight::Quant(q) => q.matmul(dy, n),
         }
     }
 
@@ -135,9 +129,7 @@ impl BaseWeight {
         match self {
             BaseWeight::Dense { .. } => (self.forward(x, n), self.times_at(a, r)),
             BaseWeight::Quant(q) => {
-                let mut y = vec![0f32; n * q.rows()];
-                let mut awt = vec![0f32; r * q.rows()];
-                q.matmul_t2(x, n, &mut y, a, r, &mut awt);
+                let (y, awt) = q.matmul_t2(x, n, a, r);
                 (y, transpose(&awt, r, q.rows()))
             }
         }

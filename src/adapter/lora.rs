@@ -325,16 +325,22 @@ impl LoraAdapter {
         } else {
             // z = x·Wᵀ + s·u·Bᵀ (built in y's buffer);  y = k⊙z.
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
-            let z = std::mem::replace(&mut y, vec![0f32; n * out]);
-            y.par_chunks_mut(out * ROWS)
-                .zip(z.par_chunks(out * ROWS))
-                .for_each(|(yr, zr)| {
-                    for (y, z) in yr.chunks_mut(out).zip(zr.chunks(out)) {
-                        for o in 0..out {
-                            y[o] = k[o] * z[o];
-                        }
-                    }
-                });
+            let z = std::mem::take(&mut y);
+            assert_eq!(z.len(), n * out, "DoRA z shape");
+            // SAFETY: the row blocks cover the buffer and every element of each row is written.
+            y = unsafe {
+                ops::filled(n * out, |y| {
+                    y.par_chunks_mut(out * ROWS)
+                        .zip(z.par_chunks(out * ROWS))
+                        .for_each(|(yr, zr)| {
+                            for (y, z) in yr.chunks_mut(out).zip(zr.chunks(out)) {
+                                for o in 0..out {
+                                    y[o].write(k[o] * z[o]);
+                                }
+                            }
+                        })
+                })
+            };
             z
         };
         let dora = DoraSaved {
@@ -396,17 +402,12 @@ impl LoraAdapter {
             Some(d) if !d.base_dropout => g,
             _ => dy,
         };
-        let mut dx = vec![0f32; n * inp];
-        base.backward_input(base_dy, n, &mut dx);
+        let mut dx = base.backward_input(base_dy, n);
         // dB = s·gᵀ·u, du = s·g·B.
         let (d_lora_b, du) = lowrank::grad_b_and_du(g, n, out, &u, &self.lora_b, r, s);
         drop(kdy);
         // dA = duᵀ·x_d;  dx += dropoutᵀ(du·A [+ ((k−1)⊙dy)·W]).
-        let extra = km1dy.as_ref().map(|g1| {
-            let mut t = vec![0f32; n * inp];
-            base.backward_input(g1, n, &mut t);
-            t
-        });
+        let extra = km1dy.as_ref().map(|g1| base.backward_input(g1, n));
         let d_lora_a = lowrank::grad_a_and_dx(
             &du,
             n,
@@ -443,28 +444,37 @@ fn dora_output_grads(
     n: usize,
     out: usize,
 ) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
-    let mut g = vec![0f32; n * out];
     let mut g1 = if d.base_dropout {
         vec![0f32; n * out]
     } else {
         Vec::new()
     };
+    assert!(
+        dy.len() == n * out && d.z.len() == n * out,
+        "DoRA dy/z shape"
+    );
     let block = out * ROWS;
-    let partials: Vec<Vec<f32>> = g
-        .par_chunks_mut(block)
-        .zip(dy.par_chunks(block))
-        .zip(d.z.par_chunks(block))
-        .map(|((gr, dr), zr)| {
-            let mut acc = vec![0f32; out];
-            for ((g, dy), z) in gr.chunks_mut(out).zip(dr.chunks(out)).zip(zr.chunks(out)) {
-                for o in 0..out {
-                    acc[o] += dy[o] * z[o];
-                    g[o] = d.k[o] * dy[o];
-                }
-            }
-            acc
+    let mut partials: Vec<Vec<f32>> = Vec::new();
+    // SAFETY: the row blocks cover the buffer and every element of each row is written.
+    let g = unsafe {
+        ops::filled(n * out, |g| {
+            partials = g
+                .par_chunks_mut(block)
+                .zip(dy.par_chunks(block))
+                .zip(d.z.par_chunks(block))
+                .map(|((gr, dr), zr)| {
+                    let mut acc = vec![0f32; out];
+                    for ((g, dy), z) in gr.chunks_mut(out).zip(dr.chunks(out)).zip(zr.chunks(out)) {
+                        for o in 0..out {
+                            acc[o] += dy[o] * z[o];
+                            g[o].write(d.k[o] * dy[o]);
+                        }
+                    }
+                    acc
+                })
+                .collect();
         })
-        .collect();
+    };
     if d.base_dropout {
         g1.par_chunks_mut(block)
             .zip(dy.par_chunks(block))

@@ -94,8 +94,7 @@ pub fn head_loss(
             .collect();
         loss_sum += losses.iter().sum::<f64>();
         if backward {
-            let mut dx = vec![0f32; c * d];
-            head.backward_input(&logits, c, &mut dx);
+            let dx = head.backward_input(&logits, c);
             for (k, &r) in chunk.iter().enumerate() {
                 d_hidden[r * d..(r + 1) * d].copy_from_slice(&dx[k * d..(k + 1) * d]);
             }

@@ -12,6 +12,8 @@
 //! `target-cpu=native`) and a row length that is a multiple of 8; [`available`] says whether a
 //! product can take it, and callers keep the plain route otherwise.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::lanes::F8;
@@ -102,20 +104,27 @@ pub(crate) fn transpose_with<L, S>(
 }
 
 /// `y (n × out) = x (n × in) · Wᵀ` for a dense row-major `W (out × in)`, one transposed tile of
-/// [`TILE_ROWS`] rows at a time (see the module doc). Requires [`available`]`(inp)`.
-pub fn matmul_nt_tiled(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize, y: &mut [f32]) {
+/// [`TILE_ROWS`] rows at a time (see the module doc), every element of `y` written. Requires
+/// [`available`]`(inp)`.
+pub fn matmul_nt_tiled(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [MaybeUninit<f32>],
+) {
     let mut tile = vec![0f32; TILE_ROWS.min(out) * inp];
     for r0 in (0..out).step_by(TILE_ROWS) {
         let r1 = (r0 + TILE_ROWS).min(out);
         let t = &mut tile[..(r1 - r0) * inp];
         transpose_rows(w, inp, r0, r1, t);
-        super::gemm(
+        super::gemm_write(
             n,
             r1 - r0,
             inp,
             &mut y[r0..],
             out,
-            false,
             x,
             inp,
             1,
@@ -162,8 +171,8 @@ mod tests {
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
             .collect();
-        let mut y = vec![0f32; n * out];
-        matmul_nt_tiled(&x, n, &w, out, inp, &mut y);
+        // SAFETY: the tiles cover every column of every row.
+        let y = unsafe { crate::ops::filled(n * out, |y| matmul_nt_tiled(&x, n, &w, out, inp, y)) };
         for i in 0..n {
             for o in 0..out {
                 let want: f32 = (0..inp).map(|k| x[i * inp + k] * w[o * inp + k]).sum();

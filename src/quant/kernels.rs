@@ -5,6 +5,8 @@
 //!
 //! Reference scalar path: `blockwise::dequantize_4bit_ref` (tested against this one).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::ops::transpose;
@@ -218,12 +220,16 @@ pub struct Packed4<'a> {
     pub cols: usize,
 }
 
+/// The second product of [`Packed4::matmul_t2`]: `(x2, M2, y2)` with `y2 = x2 · Wᵀ` written.
+pub type SecondProduct<'a> = (&'a [f32], usize, &'a mut [MaybeUninit<f32>]);
+
 impl Packed4<'_> {
-    /// `y (M×rows) = x (M×cols) · Wᵀ`, dequantizing W one tile of rows at a time.
+    /// `y (M×rows) = x (M×cols) · Wᵀ`, dequantizing W one tile of rows at a time. Every element
+    /// of `y` is written, none read (see [`ops::filled`](crate::ops::filled)).
     ///
     /// # Panics
     /// If `x.len() != m * cols` or `y.len() != m * rows`.
-    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [MaybeUninit<f32>]) {
         self.matmul_t2(x, m, y, None)
     }
 
@@ -237,8 +243,8 @@ impl Packed4<'_> {
         &self,
         x: &[f32],
         m: usize,
-        y: &mut [f32],
-        mut second: Option<(&[f32], usize, &mut [f32])>,
+        y: &mut [MaybeUninit<f32>],
+        mut second: Option<SecondProduct<'_>>,
     ) {
         assert_eq!(x.len(), m * self.cols, "x shape");
         assert_eq!(y.len(), m * self.rows, "y shape");
@@ -270,13 +276,12 @@ impl Packed4<'_> {
             };
             let threads = crate::ops::threads();
             let (k, rows) = (self.cols, self.rows);
-            crate::ops::gemm(
+            crate::ops::gemm_write(
                 m,
                 r1 - r0,
                 k,
                 &mut y[r0..],
                 rows,
-                false,
                 x,
                 k,
                 1,
@@ -287,21 +292,7 @@ impl Packed4<'_> {
             );
             if let Some((x2, m2, y2)) = &mut second {
                 let y2 = &mut y2[r0..];
-                crate::ops::gemm(
-                    *m2,
-                    r1 - r0,
-                    k,
-                    y2,
-                    rows,
-                    false,
-                    x2,
-                    k,
-                    1,
-                    t,
-                    rs,
-                    cs,
-                    threads,
-                );
+                crate::ops::gemm_write(*m2, r1 - r0, k, y2, rows, x2, k, 1, t, rs, cs, threads);
             }
         }
     }
@@ -339,13 +330,18 @@ impl Packed4<'_> {
         );
     }
 
-    /// `dx (M×cols) = dy (M×rows) · W`, dequantizing W one tile of rows at a time.
+    /// `dx (M×cols) = dy (M×rows) · W`, dequantizing W one tile of rows at a time. Every
+    /// element of `dx` is written before it is read (the first tile writes, the others add).
     ///
     /// # Panics
     /// If `dy.len() != m * rows` or `dx.len() != m * cols`.
-    pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32]) {
+    pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [MaybeUninit<f32>]) {
         assert_eq!(dy.len(), m * self.rows, "dy shape");
         assert_eq!(dx.len(), m * self.cols, "dx shape");
+        if self.rows == 0 {
+            dx.fill(MaybeUninit::new(0.0));
+            return;
+        }
         let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
@@ -358,24 +354,29 @@ impl Packed4<'_> {
                 r0 * self.cols,
                 t,
             );
-            crate::ops::gemm(
-                m,
-                self.cols,
-                r1 - r0,
-                dx,
-                self.cols,
-                r0 > 0,
-                &dy[r0..],
-                self.rows,
-                1,
-                t,
-                self.cols,
-                1,
-                crate::ops::threads(),
-            );
-        }
-        if self.rows == 0 {
-            dx.fill(0.0);
+            if m == 0 || self.cols == 0 {
+                continue;
+            }
+            // SAFETY: `dx` holds exactly the m × cols block (asserted above) and is a unique
+            // borrow; the first tile writes all of it, so later tiles add to initialized floats.
+            unsafe {
+                crate::ops::gemm_raw(
+                    m,
+                    self.cols,
+                    r1 - r0,
+                    dx.as_mut_ptr().cast(),
+                    self.cols,
+                    r0 > 0,
+                    &dy[r0..],
+                    self.rows,
+                    1,
+                    t,
+                    self.cols,
+                    1,
+                    1.0,
+                    crate::ops::threads(),
+                );
+            }
         }
     }
 }
@@ -483,10 +484,9 @@ mod tests {
         let x = sample(m * cols, 3);
         let dy = sample(m * rows, 4);
         let (p, wd) = (q.view(), &q.dequantized);
-        let mut y = vec![0f32; m * rows];
-        p.matmul_t(&x, m, &mut y);
-        let mut dx = vec![0f32; m * cols];
-        p.matmul(&dy, m, &mut dx);
+        // SAFETY: both products write every element of their output.
+        let y = unsafe { crate::ops::filled(m * rows, |y| p.matmul_t(&x, m, y)) };
+        let dx = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy, m, dx)) };
         for i in 0..m {
             for r in 0..rows {
                 let want: f64 = (0..cols)

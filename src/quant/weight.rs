@@ -4,6 +4,7 @@
 use super::blockwise::{self, check_blocksize, Absmax, QuantType, NESTED_BLOCKSIZE};
 use super::error::{Error, Result};
 use super::kernels::{self, Packed4};
+use crate::ops;
 
 /// The dtype a weight had before quantization (`quant_state.dtype`); dequantization rounds to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,36 +306,41 @@ impl QuantizedWeight {
         }
     }
 
-    /// `y = x · Wᵀ` for `x` of `m × in`, tiled (the dequantized matrix never exists whole).
+    /// `y = x · Wᵀ (m × out)` for `x` of `m × in`, tiled (the dequantized matrix never exists
+    /// whole), in a new vector that is not zeroed first ([`ops::filled`]).
     ///
     /// # Panics
-    /// If the lengths do not match `m`.
-    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        self.view().matmul_t(x, m, y)
+    /// If `x.len()` does not match `m`.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        // SAFETY: the product writes every element of its output.
+        unsafe { ops::filled(m * self.rows(), |y| self.view().matmul_t(x, m, y)) }
     }
 
     /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles.
     ///
     /// # Panics
     /// If the lengths do not match `m` and `m2`.
-    pub fn matmul_t2(
-        &self,
-        x: &[f32],
-        m: usize,
-        y: &mut [f32],
-        x2: &[f32],
-        m2: usize,
-        y2: &mut [f32],
-    ) {
-        self.view().matmul_t2(x, m, y, Some((x2, m2, y2)))
+    pub fn matmul_t2(&self, x: &[f32], m: usize, x2: &[f32], m2: usize) -> (Vec<f32>, Vec<f32>) {
+        let rows = self.rows();
+        let mut y2 = Vec::new();
+        // SAFETY: the product writes every element of both outputs.
+        let y = unsafe {
+            ops::filled(m * rows, |y| {
+                y2 = ops::filled(m2 * rows, |y2| {
+                    self.view().matmul_t2(x, m, y, Some((x2, m2, y2)))
+                });
+            })
+        };
+        (y, y2)
     }
 
-    /// `dx = dy · W` for `dy` of `m × out`, tiled.
+    /// `dx = dy · W (m × in)` for `dy` of `m × out`, tiled, in a new vector.
     ///
     /// # Panics
-    /// If the lengths do not match `m`.
-    pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32]) {
-        self.view().matmul(dy, m, dx)
+    /// If `dy.len()` does not match `m`.
+    pub fn matmul(&self, dy: &[f32], m: usize) -> Vec<f32> {
+        // SAFETY: the product writes every element of its output.
+        unsafe { ops::filled(m * self.cols(), |dx| self.view().matmul(dy, m, dx)) }
     }
 
     /// The exact JSON string bitsandbytes packs into `quant_state.bitsandbytes__<type>`.

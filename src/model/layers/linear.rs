@@ -121,9 +121,7 @@ impl Linear {
             grads.d_bias = Some(column_sums(dy, out));
         }
         if self.train_weight {
-            let mut dw = vec![0f32; out * inp];
-            ops::matmul_tn_into(dy, out, x, inp, n, &mut dw, false);
-            grads.d_weight = Some(dw);
+            grads.d_weight = Some(ops::matmul_tn(dy, out, x, inp, n));
         }
         let dx = match (&self.adapter, saved.lora) {
             (Some(a), Some(s)) => {
@@ -131,11 +129,7 @@ impl Linear {
                 grads.lora = Some(g);
                 dx
             }
-            _ => {
-                let mut dx = vec![0f32; n * inp];
-                self.weight.backward_input(dy, n, &mut dx);
-                dx
-            }
+            _ => self.weight.backward_input(dy, n),
         };
         (dx, grads)
     }
