@@ -98,6 +98,43 @@ struct Dims {
     dh: usize,
 }
 
+/// Lays per-(sequence, group) head results out as token rows: `(b·t, groups·heads·dh)` where
+/// `part(bi·groups + g)` holds the `heads` heads of group `g` of sequence `bi`, each `t × dh`.
+/// Sequences fill in parallel; every element is written once, with no zeroing pass first.
+fn scatter_heads<'a>(
+    b: usize,
+    t: usize,
+    dh: usize,
+    groups: usize,
+    heads: usize,
+    part: impl Fn(usize) -> &'a [f32] + Sync,
+) -> Vec<f32> {
+    let width = groups * heads * dh;
+    // SAFETY: each sequence's `t` rows are split into rows of `width`, and the loops over
+    // `g < groups` and `gi < heads` write columns `(g·heads + gi)·dh ..+ dh`, i.e. all of them.
+    unsafe {
+        ops::filled(b * t * width, |dst| {
+            dst.par_chunks_mut(t * width)
+                .enumerate()
+                .for_each(|(bi, rows)| {
+                    for g in 0..groups {
+                        let p = part(bi * groups + g);
+                        assert_eq!(p.len(), heads * t * dh, "head part shape");
+                        for (i, row) in rows.chunks_mut(width).enumerate() {
+                            for gi in 0..heads {
+                                let col = (g * heads + gi) * dh;
+                                let src = &p[(gi * t + i) * dh..(gi * t + i + 1) * dh];
+                                for (d, &v) in row[col..col + dh].iter_mut().zip(src) {
+                                    d.write(v);
+                                }
+                            }
+                        }
+                    }
+                })
+        })
+    }
+}
+
 impl Attention {
     fn dims(&self) -> Dims {
         Dims {
@@ -195,17 +232,7 @@ impl Attention {
                 .map(|bh| head(bh, &mut vec![0f32; tq * tk]))
                 .collect()
         };
-        let mut ctx = vec![0f32; b * tq * qs];
-        ctx.par_chunks_mut(tq * qs)
-            .enumerate()
-            .for_each(|(bi, cb)| {
-                for hi in 0..h {
-                    let o = &outs[bi * h + hi];
-                    for (i, row) in cb.chunks_mut(qs).enumerate() {
-                        row[hi * dh..(hi + 1) * dh].copy_from_slice(&o[i * dh..(i + 1) * dh]);
-                    }
-                }
-            });
+        let ctx = scatter_heads(b, tq, dh, h, 1, |bh| &outs[bh]);
         (ctx, probs)
     }
 
@@ -425,24 +452,10 @@ impl Attention {
             })
             .collect();
         drop(probs);
-        let mut dq = vec![0f32; n * qs];
-        let mut dk = vec![0f32; n * ks];
-        let mut dv = vec![0f32; n * ks];
-        for (bg, (pq, pk, pv)) in parts.into_iter().enumerate() {
-            let (bi, g) = (bg / hkv, bg % hkv);
-            for i in 0..t {
-                let row = bi * t + i;
-                dk[row * ks + g * dh..row * ks + (g + 1) * dh]
-                    .copy_from_slice(&pk[i * dh..(i + 1) * dh]);
-                dv[row * ks + g * dh..row * ks + (g + 1) * dh]
-                    .copy_from_slice(&pv[i * dh..(i + 1) * dh]);
-                for gi in 0..group {
-                    let hi = g * group + gi;
-                    dq[row * qs + hi * dh..row * qs + (hi + 1) * dh]
-                        .copy_from_slice(&pq[gi * t * dh + i * dh..gi * t * dh + (i + 1) * dh]);
-                }
-            }
-        }
+        let mut dq = scatter_heads(b, t, dh, hkv, group, |bg| &parts[bg].0);
+        let mut dk = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].1);
+        let dv = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].2);
+        drop(parts);
         rope.apply(&mut dq, h, |i| i % t, true);
         rope.apply(&mut dk, hkv, |i| i % t, true);
         let mut grads = AttentionGrads {

@@ -44,18 +44,22 @@ pub struct MlpGrads {
 
 /// `h = silu(g) ⊙ u`, in parallel.
 fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut h = vec![0f32; g.len()];
-    h.par_chunks_mut(ops::PAR_CHUNK)
-        .zip(
-            g.par_chunks(ops::PAR_CHUNK)
-                .zip(u.par_chunks(ops::PAR_CHUNK)),
-        )
-        .for_each(|(h, (g, u))| {
-            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-                *h = g * ops::sigmoid(g) * u;
-            }
-        });
-    h
+    assert_eq!(g.len(), u.len(), "gate and up lengths");
+    // SAFETY: the chunks of `g` and `u` cover the buffer, and each element is written.
+    unsafe {
+        ops::filled(g.len(), |h| {
+            h.par_chunks_mut(ops::PAR_CHUNK)
+                .zip(
+                    g.par_chunks(ops::PAR_CHUNK)
+                        .zip(u.par_chunks(ops::PAR_CHUNK)),
+                )
+                .for_each(|(h, (g, u))| {
+                    for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                        h.write(g * ops::sigmoid(g) * u);
+                    }
+                })
+        })
+    }
 }
 
 impl Mlp {
