@@ -342,6 +342,9 @@ impl Packed4<'_> {
             dx.fill(MaybeUninit::new(0.0));
             return;
         }
+        if m == 0 || self.cols == 0 {
+            return;
+        }
         let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
@@ -354,9 +357,6 @@ impl Packed4<'_> {
                 r0 * self.cols,
                 t,
             );
-            if m == 0 || self.cols == 0 {
-                continue;
-            }
             // SAFETY: `dx` holds exactly the m × cols block (asserted above) and is a unique
             // borrow; the first tile writes all of it, so later tiles add to initialized floats.
             unsafe {
