@@ -104,17 +104,14 @@ pub fn gemm_scaled(
     beta: f32,
     threads: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm: dst too short");
-    // SAFETY: `dst` is a unique borrow of initialized floats, long enough (asserted above).
+    // SAFETY: `dst` is a unique borrow of `dst.len()` initialized floats.
     unsafe {
         gemm_raw(
             m,
             n,
             k,
             dst.as_mut_ptr(),
+            dst.len(),
             dst_rs,
             accumulate,
             lhs,
@@ -150,18 +147,15 @@ pub fn gemm_write(
     rhs_cs: usize,
     threads: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm: dst too short");
-    // SAFETY: `dst` is a unique borrow, long enough (asserted above); with `accumulate` false
-    // gemm_raw only writes it.
+    // SAFETY: `dst` is a unique borrow of `dst.len()` floats; with `accumulate` false gemm_raw
+    // only writes it.
     unsafe {
         gemm_raw(
             m,
             n,
             k,
             dst.as_mut_ptr().cast(),
+            dst.len(),
             dst_rs,
             false,
             lhs,
@@ -179,18 +173,18 @@ pub fn gemm_write(
 /// The product behind [`gemm_scaled`] and [`gemm_write`], on a raw destination.
 ///
 /// # Safety
-/// `dst` must be valid for writes of the `m × n` block at row stride `dst_rs` (m, n > 0), not
-/// overlap `lhs` or `rhs`, and hold initialized floats when `accumulate` is set (otherwise it
-/// is only written).
+/// `dst` must be valid for writes of `dst_len` floats, not overlap `lhs` or `rhs`, and hold
+/// initialized floats when `accumulate` is set (otherwise it is only written).
 ///
 /// # Panics
-/// If `lhs` or `rhs` is too short for its shape and strides.
+/// If `dst_len`, `lhs` or `rhs` is too short for its shape and strides.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw(
     m: usize,
     n: usize,
     k: usize,
     dst: *mut f32,
+    dst_len: usize,
     dst_rs: usize,
     accumulate: bool,
     lhs: &[f32],
@@ -202,11 +196,15 @@ pub(crate) unsafe fn gemm_raw(
     beta: f32,
     threads: usize,
 ) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst_len >= (m - 1) * dst_rs + n, "gemm: dst too short");
     if k == 0 {
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    // SAFETY: inside the m × n block the caller vouches for.
+                    // SAFETY: inside the first `dst_len` floats (asserted above).
                     unsafe { dst.add(i * dst_rs + j).write(0.0) };
                 }
             }
@@ -226,8 +224,9 @@ pub(crate) unsafe fn gemm_raw(
     } else {
         Parallelism::Rayon(threads)
     };
-    // SAFETY: `lhs` and `rhs` cover every index read (asserted above); `dst` as the caller
-    // vouches. gemm reads `dst` only when `accumulate` is set.
+    // SAFETY: `dst`, `lhs` and `rhs` cover every index touched (asserted above; `dst` valid
+    // for `dst_len` floats as the caller vouches). gemm reads `dst` only when `accumulate` is
+    // set.
     unsafe {
         gemm::gemm(
             m,

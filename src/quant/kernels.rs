@@ -357,14 +357,16 @@ impl Packed4<'_> {
                 r0 * self.cols,
                 t,
             );
-            // SAFETY: `dx` holds exactly the m × cols block (asserted above) and is a unique
-            // borrow; the first tile writes all of it, so later tiles add to initialized floats.
+            // SAFETY: `dx` is a unique borrow of `dx.len()` floats, exactly the m × cols block
+            // (asserted above); the first tile writes all of it, so later tiles add to
+            // initialized floats.
             unsafe {
                 crate::ops::gemm_raw(
                     m,
                     self.cols,
                     r1 - r0,
                     dx.as_mut_ptr().cast(),
+                    dx.len(),
                     self.cols,
                     r0 > 0,
                     &dy[r0..],
