@@ -326,21 +326,7 @@ impl LoraAdapter {
             // z = x·Wᵀ + s·u·Bᵀ (built in y's buffer);  y = k⊙z.
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
             let z = std::mem::take(&mut y);
-            assert_eq!(z.len(), n * out, "DoRA z shape");
-            // SAFETY: the row blocks cover the buffer and every element of each row is written.
-            y = unsafe {
-                ops::filled(n * out, |y| {
-                    y.par_chunks_mut(out * ROWS)
-                        .zip(z.par_chunks(out * ROWS))
-                        .for_each(|(yr, zr)| {
-                            for (y, z) in yr.chunks_mut(out).zip(zr.chunks(out)) {
-                                for o in 0..out {
-                                    y[o].write(k[o] * z[o]);
-                                }
-                            }
-                        })
-                })
-            };
+            y = scale_columns(&z, out, &k);
             z
         };
         let dora = DoraSaved {
@@ -444,11 +430,6 @@ fn dora_output_grads(
     n: usize,
     out: usize,
 ) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
-    let mut g1 = if d.base_dropout {
-        vec![0f32; n * out]
-    } else {
-        Vec::new()
-    };
     assert!(
         dy.len() == n * out && d.z.len() == n * out,
         "DoRA dy/z shape"
@@ -475,22 +456,37 @@ fn dora_output_grads(
                 .collect();
         })
     };
-    if d.base_dropout {
-        g1.par_chunks_mut(block)
-            .zip(dy.par_chunks(block))
-            .for_each(|(gr, dr)| {
-                for (g, dy) in gr.chunks_mut(out).zip(dr.chunks(out)) {
-                    for o in 0..out {
-                        g[o] = (d.k[o] - 1.0) * dy[o];
-                    }
-                }
-            });
-    }
+    let g1 = d.base_dropout.then(|| {
+        let km1: Vec<f32> = d.k.iter().map(|k| k - 1.0).collect();
+        scale_columns(dy, out, &km1)
+    });
     let mut dm = lowrank::reduce_parts(&partials, out);
     for (v, nn) in dm.iter_mut().zip(&d.norm) {
         *v /= nn.max(dora::NORM_EPS);
     }
-    (g, d.base_dropout.then_some(g1), dm)
+    (g, g1, dm)
+}
+
+/// `y[i, o] = c[o] · x[i, o]` for rows of `width` (DoRA's `k⊙z`, `(k−1)⊙dy`), in parallel,
+/// into a new vector that is not zeroed first.
+fn scale_columns(x: &[f32], width: usize, c: &[f32]) -> Vec<f32> {
+    assert_eq!(c.len(), width, "one factor per column");
+    assert_eq!(x.len() % width.max(1), 0, "whole rows");
+    // SAFETY: the row blocks of the output pair with those of `x` (same length), and every
+    // element of each row is written.
+    unsafe {
+        ops::filled(x.len(), |y| {
+            y.par_chunks_mut(width * ROWS)
+                .zip(x.par_chunks(width * ROWS))
+                .for_each(|(yr, xr)| {
+                    for (y, x) in yr.chunks_mut(width).zip(xr.chunks(width)) {
+                        for o in 0..width {
+                            y[o].write(c[o] * x[o]);
+                        }
+                    }
+                })
+        })
+    }
 }
 
 #[cfg(test)]
