@@ -353,7 +353,22 @@ mod tests {
                     assert!((p - q).abs() < 1e-4, "dA {p} vs {q}");
                 }
                 let mut t = ex.map_or(vec![0f32; n * inp], |e| e.to_vec());
-                ops::matmul_nn_into(&du, n, &a, r, inp, &mut t, true);
+                // t += du·A
+                ops::gemm(
+                    n,
+                    inp,
+                    r,
+                    &mut t,
+                    inp,
+                    true,
+                    &du,
+                    r,
+                    1,
+                    &a,
+                    inp,
+                    1,
+                    ops::threads(),
+                );
                 let mut want = vec![1f32; n * inp];
                 match drop {
                     Some(d) => d.add_backward(&t, &mut want),

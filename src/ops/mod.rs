@@ -295,19 +295,6 @@ pub fn matmul_nt(x: &[f32], n: usize, w: &[f32], out: usize, inp: usize) -> Vec<
     }
 }
 
-/// `y (n×in) [+]= d (n×out) · w (out×in)`.
-pub fn matmul_nn_into(
-    d: &[f32],
-    n: usize,
-    w: &[f32],
-    out: usize,
-    inp: usize,
-    y: &mut [f32],
-    acc: bool,
-) {
-    gemm(n, inp, out, y, inp, acc, d, out, 1, w, inp, 1, threads());
-}
-
 /// `g (p×q) = aᵀ · b` for `a (n×p)`, `b (n×q)` in a new vector: weight gradients.
 pub fn matmul_tn(a: &[f32], p: usize, b: &[f32], q: usize, n: usize) -> Vec<f32> {
     // SAFETY: gemm_write writes every element of the p × q output.
@@ -376,9 +363,13 @@ mod tests {
                 assert!((y[i * out + o] - want).abs() < 1e-5);
             }
         }
-        let mut dx = vec![0f32; n * inp];
-        matmul_nn_into(&y, n, &w, out, inp, &mut dx, false);
-        assert_eq!(matmul_nn(&y, n, &w, out, inp), dx);
+        let dx = matmul_nn(&y, n, &w, out, inp);
+        for i in 0..n {
+            for k in 0..inp {
+                let want: f32 = (0..out).map(|o| y[i * out + o] * w[o * inp + k]).sum();
+                assert!((dx[i * inp + k] - want).abs() < 1e-4);
+            }
+        }
         let mut g = vec![0f32; out * inp];
         matmul_tn_into(&y, out, &x, inp, n, &mut g, false);
         assert_eq!(matmul_tn(&y, out, &x, inp, n), g);
