@@ -522,9 +522,10 @@ pub fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// In-place softmax of `row * scale` (max-subtracted), returning nothing; fast path of
-/// attention.
-pub fn softmax_scaled(row: &mut [f32], scale: f32) {
+/// In-place softmax of `row * scale` (max-subtracted), the fast path of attention. Returns
+/// the row's statistics `[max·scale, 1/Σ]`, from which [`softmax_replay`] rebuilds the same
+/// probabilities from the same scores.
+pub fn softmax_scaled(row: &mut [f32], scale: f32) -> [f32; 2] {
     let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
     for v in row.iter_mut() {
         *v = exp_neg(*v * scale - mx);
@@ -533,11 +534,38 @@ pub fn softmax_scaled(row: &mut [f32], scale: f32) {
     for v in row.iter_mut() {
         *v *= inv;
     }
+    [mx, inv]
+}
+
+/// Softmax of `row * scale` from statistics [`softmax_scaled`] returned for the same scores:
+/// the same operations in the same order, so the probabilities are the same to the bit.
+/// Attention's backward recomputes its probabilities this way instead of keeping them.
+pub fn softmax_replay(row: &mut [f32], scale: f32, [mx, inv]: [f32; 2]) {
+    for v in row.iter_mut() {
+        *v = exp_neg(*v * scale - mx) * inv;
+    }
 }
 
 #[cfg(test)]
 mod exp_tests {
     use super::*;
+
+    /// Attention's backward rebuilds its probabilities from the saved statistics: they must
+    /// be the forward's to the bit, including rows with a large spread.
+    #[test]
+    fn softmax_replay_rebuilds_the_same_probabilities() {
+        let mut rng = Rng::new(8);
+        for len in [1, 7, 64, 255] {
+            let scores: Vec<f32> = (0..len).map(|_| rng.normal() * 30.0).collect();
+            let mut fresh = scores.clone();
+            let stats = softmax_scaled(&mut fresh, 0.125);
+            let mut replay = scores.clone();
+            softmax_replay(&mut replay, 0.125, stats);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fresh), bits(&replay), "length {len}");
+            assert!((sum(&fresh) - 1.0).abs() < 1e-5);
+        }
+    }
 
     #[test]
     fn exp_neg_is_accurate() {

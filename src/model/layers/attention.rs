@@ -5,8 +5,10 @@
 //! `S = Q_h·K_gᵀ/√Dh` (causal mask), `P = softmax(S)`, `O_h = P·V_g`, `y = o_proj(concat O)`.
 //! Backward: `dV_g += Pᵀ·dO`, `dP = dO·V_gᵀ`, `dS = P⊙(dP − rowsum(dP⊙P))`,
 //! `dQ_h = dS·K_g/√Dh`, `dK_g += dSᵀ·Q_h/√Dh`, then the inverse RoPE rotation and the
-//! projections' backward. Shapes: x (N = B·T, D), q (N, H·Dh), k/v (N, Hkv·Dh),
-//! probabilities (B, H, T, T) saved for backward.
+//! projections' backward. Shapes: x (N = B·T, D), q (N, H·Dh), k/v (N, Hkv·Dh).
+//! The probabilities are not kept: the forward saves each row's softmax statistics
+//! (B·H·T pairs) and the backward recomputes `P` one query block at a time, to the bit, in
+//! scratch that stays in cache (as FlashAttention does), instead of a (B, H, T, T) tensor.
 
 use rayon::prelude::*;
 
@@ -63,8 +65,8 @@ pub struct AttentionSaved {
     k: Vec<f32>,
     /// (N, Hkv·Dh).
     v: Vec<f32>,
-    /// (B·H, T, T) attention probabilities.
-    probs: Vec<f32>,
+    /// (B·H·T) softmax statistics of each probability row (see [`ops::softmax_replay`]).
+    stats: Vec<[f32; 2]>,
     /// (N, H·Dh) input of o_proj.
     ctx: Vec<f32>,
     b: usize,
@@ -91,6 +93,13 @@ pub struct AttentionGrads {
 /// Queries per block in the causal products: a block's keys end at its last query (128:
 /// fewer, larger products than 64, which matters with AVX-512 kernels; 256 would skip nothing).
 const QUERY_BLOCK: usize = 128;
+
+/// How [`Attention::probabilities`] takes each row's softmax: fresh (writing the row's
+/// statistics) or replayed from the statistics the forward wrote.
+enum Softmax<'a> {
+    Fresh(&'a mut [[f32; 2]]),
+    Replay(&'a [[f32; 2]]),
+}
 
 struct Dims {
     h: usize,
@@ -144,9 +153,64 @@ impl Attention {
         }
     }
 
+    /// Probabilities of query rows `q0..q1` of head `hi` of sequence `bi` (query `i` at
+    /// absolute position `pos0 + i`) over keys `0..tk`, into `sb` ((q1 − q0) × tk): one product
+    /// `Q·Kᵀ` over the keys the block can see (causal; columns past them and outside a sliding
+    /// window are set to 0), then the row softmax, fresh or replayed from saved statistics.
+    /// Returns how many key columns (`kend`) the block spans.
+    #[allow(clippy::too_many_arguments)]
+    fn probabilities(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        (bi, hi): (usize, usize),
+        (tq, tk, pos0): (usize, usize, usize),
+        (q0, q1): (usize, usize),
+        sb: &mut [f32],
+        softmax: Softmax<'_>,
+    ) -> usize {
+        let Dims { h, hkv, dh } = self.dims();
+        let scale = 1.0 / (dh as f32).sqrt();
+        let (qs, ks) = (h * dh, hkv * dh);
+        let qo = bi * tq * qs + hi * dh;
+        let ko = bi * tk * ks + (hi / (h / hkv)) * dh;
+        let kend = (pos0 + q1).min(tk);
+        let rows = q1 - q0;
+        assert_eq!(sb.len(), rows * tk, "probability block shape");
+        ops::gemm(
+            rows,
+            kend,
+            dh,
+            sb,
+            tk,
+            false,
+            &q[qo + q0 * qs..],
+            qs,
+            1,
+            &k[ko..],
+            1,
+            ks,
+            1,
+        );
+        let mut softmax = softmax;
+        for (i, row) in sb.chunks_mut(tk).enumerate() {
+            let p = pos0 + q0 + i;
+            let lo = self.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let hi_ = (p + 1).min(tk);
+            row[..lo].fill(0.0);
+            row[hi_..].fill(0.0);
+            let live = &mut row[lo..hi_];
+            match &mut softmax {
+                Softmax::Fresh(st) => st[i] = ops::softmax_scaled(live, scale),
+                Softmax::Replay(st) => ops::softmax_replay(live, scale, st[i]),
+            }
+        }
+        kend
+    }
+
     /// Scaled-dot-product attention for `b` sequences of `tq` queries over `tk` keys, where
     /// query `i` sits at absolute position `pos0 + i` and keys at `0..tk`. Returns the context
-    /// (b·tq, H·Dh) and the probabilities (b·H, tq, tk).
+    /// (b·tq, H·Dh) and each probability row's softmax statistics (b·H·tq, for backward).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -157,83 +221,48 @@ impl Attention {
         tq: usize,
         tk: usize,
         pos0: usize,
-        keep_probs: bool,
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> (Vec<f32>, Vec<[f32; 2]>) {
         let Dims { h, hkv, dh } = self.dims();
-        let group = h / hkv;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let (qs, ks) = (h * dh, hkv * dh);
-        let window = self.sliding_window;
-        // One (batch row, head): fills its probabilities `s` (tq × tk), returns its context.
-        let head = |bh: usize, s: &mut [f32]| -> Vec<f32> {
-            let (bi, hi) = (bh / h, bh % h);
-            let g = hi / group;
-            let qo = bi * tq * qs + hi * dh;
-            let ko = bi * tk * ks + g * dh;
-            let mut o = vec![0f32; tq * dh];
-            // Query blocks see keys 0..kend only (causal): the products skip the masked
-            // upper triangle, whose probabilities stay 0.
-            for q0 in (0..tq).step_by(QUERY_BLOCK) {
-                let q1 = (q0 + QUERY_BLOCK).min(tq);
-                let kend = (pos0 + q1).min(tk);
-                let rows = q1 - q0;
-                let sb = &mut s[q0 * tk..q1 * tk];
-                ops::gemm(
-                    rows,
-                    kend,
-                    dh,
-                    sb,
-                    tk,
-                    false,
-                    &q[qo + q0 * qs..],
-                    qs,
-                    1,
-                    &k[ko..],
-                    1,
-                    ks,
-                    1,
-                );
-                for (i, row) in sb.chunks_mut(tk).enumerate() {
-                    let p = pos0 + q0 + i;
-                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                    let hi_ = (p + 1).min(tk);
-                    row[..lo].fill(0.0);
-                    row[hi_..].fill(0.0);
-                    ops::softmax_scaled(&mut row[lo..hi_], scale);
-                }
-                ops::gemm(
-                    rows,
-                    dh,
-                    kend,
-                    &mut o[q0 * dh..],
-                    dh,
-                    false,
-                    sb,
-                    tk,
-                    1,
-                    &v[ko..],
-                    ks,
-                    1,
-                    1,
-                );
-            }
-            o
-        };
-        let mut probs = vec![0f32; if keep_probs { b * h * tq * tk } else { 0 }];
-        let outs: Vec<Vec<f32>> = if keep_probs {
-            probs
-                .par_chunks_mut(tq * tk)
-                .enumerate()
-                .map(|(bh, s)| head(bh, s))
-                .collect()
-        } else {
-            (0..b * h)
-                .into_par_iter()
-                .map(|bh| head(bh, &mut vec![0f32; tq * tk]))
-                .collect()
-        };
+        let ks = hkv * dh;
+        let mut stats = vec![[0f32; 2]; b * h * tq];
+        // One (batch row, head) per task, its probabilities in scratch reused across tasks.
+        let outs: Vec<Vec<f32>> = stats
+            .par_chunks_mut(tq)
+            .enumerate()
+            .map_init(
+                || vec![0f32; QUERY_BLOCK.min(tq) * tk],
+                |s, (bh, st)| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
+                    let mut o = vec![0f32; tq * dh];
+                    for q0 in (0..tq).step_by(QUERY_BLOCK) {
+                        let q1 = (q0 + QUERY_BLOCK).min(tq);
+                        let sb = &mut s[..(q1 - q0) * tk];
+                        let fresh = Softmax::Fresh(&mut st[q0..q1]);
+                        let kend =
+                            self.probabilities(q, k, (bi, hi), (tq, tk, pos0), (q0, q1), sb, fresh);
+                        ops::gemm(
+                            q1 - q0,
+                            dh,
+                            kend,
+                            &mut o[q0 * dh..],
+                            dh,
+                            false,
+                            sb,
+                            tk,
+                            1,
+                            &v[vo..],
+                            ks,
+                            1,
+                            1,
+                        );
+                    }
+                    o
+                },
+            )
+            .collect();
         let ctx = scatter_heads(b, tq, dh, h, 1, |bh| &outs[bh]);
-        (ctx, probs)
+        (ctx, stats)
     }
 
     fn project_qkv(
@@ -287,9 +316,9 @@ impl Attention {
                 c.k.extend_from_slice(&k);
                 c.v.extend_from_slice(&v);
                 let tk = c.k.len() / (hkv * dh);
-                self.attend(&q, &c.k, &c.v, 1, t, tk, pos0, false).0
+                self.attend(&q, &c.k, &c.v, 1, t, tk, pos0).0
             }
-            None => self.attend(&q, &k, &v, b, t, t, 0, false).0,
+            None => self.attend(&q, &k, &v, b, t, t, 0).0,
         };
         self.o_proj.forward(&ctx, n)
     }
@@ -319,7 +348,7 @@ impl Attention {
         };
         rope.apply(&mut q, h, |i| i % t, false);
         rope.apply(&mut k, hkv, |i| i % t, false);
-        let (ctx, probs) = self.attend(&q, &k, &v, b, t, t, 0, true);
+        let (ctx, stats) = self.attend(&q, &k, &v, b, t, t, 0);
         let (y, o_lin) = self.o_proj.forward_train(&ctx, n, rng);
         (
             y,
@@ -332,7 +361,7 @@ impl Attention {
                 q,
                 k,
                 v,
-                probs,
+                stats,
                 ctx,
                 b,
                 t,
@@ -357,7 +386,7 @@ impl Attention {
             q,
             k,
             v,
-            probs,
+            stats,
             ctx,
             b,
             t,
@@ -369,89 +398,106 @@ impl Attention {
         let (qs, ks) = (h * dh, hkv * dh);
         let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx, dy, n);
         drop(ctx);
-        // Per (batch row, kv group): dq for its heads, dk and dv of the group.
+        // Per (batch row, kv group): dq for its heads, dk and dv of the group. Each query
+        // block's probabilities are recomputed into scratch `p` (reused across tasks).
         let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
             .into_par_iter()
-            .map(|bg| {
-                let (bi, g) = (bg / hkv, bg % hkv);
-                let ko = bi * t * ks + g * dh;
-                let mut dk = vec![0f32; t * dh];
-                let mut dv = vec![0f32; t * dh];
-                let mut dq = vec![0f32; group * t * dh];
-                let mut dp = vec![0f32; t * t];
-                for (gi, hi) in (g * group..(g + 1) * group).enumerate() {
-                    let qo = bi * t * qs + hi * dh;
-                    let p = &probs[(bi * h + hi) * t * t..(bi * h + hi + 1) * t * t];
-                    let dqh = &mut dq[gi * t * dh..(gi + 1) * t * dh];
-                    // Query block q0..q1 touches keys 0..kend only (causal).
-                    for q0 in (0..t).step_by(QUERY_BLOCK) {
-                        let q1 = (q0 + QUERY_BLOCK).min(t);
-                        let (rows, kend) = (q1 - q0, q1);
-                        let pb = &p[q0 * t..q1 * t];
-                        let dpb = &mut dp[q0 * t..q1 * t];
-                        let dob = &dctx[qo + q0 * qs..];
-                        // dV += Pᵀ·dO
-                        ops::gemm(kend, dh, rows, &mut dv, dh, true, pb, 1, t, dob, qs, 1, 1);
-                        // dP = dO·Vᵀ
-                        ops::gemm(
-                            rows,
-                            kend,
-                            dh,
-                            dpb,
-                            t,
-                            false,
-                            dob,
-                            qs,
-                            1,
-                            &v[ko..],
-                            1,
-                            ks,
-                            1,
-                        );
-                        for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
-                            let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
-                            let dot = ops::dot(pr, dr);
-                            for (d, &pp) in dr.iter_mut().zip(pr) {
-                                *d = pp * (*d - dot) * scale;
+            .map_init(
+                || {
+                    (
+                        vec![0f32; QUERY_BLOCK.min(t) * t],
+                        vec![0f32; QUERY_BLOCK.min(t) * t],
+                    )
+                },
+                |(p, dp), bg| {
+                    let (bi, g) = (bg / hkv, bg % hkv);
+                    let ko = bi * t * ks + g * dh;
+                    let mut dk = vec![0f32; t * dh];
+                    let mut dv = vec![0f32; t * dh];
+                    let mut dq = vec![0f32; group * t * dh];
+                    for (gi, hi) in (g * group..(g + 1) * group).enumerate() {
+                        let qo = bi * t * qs + hi * dh;
+                        let st = &stats[(bi * h + hi) * t..(bi * h + hi + 1) * t];
+                        let dqh = &mut dq[gi * t * dh..(gi + 1) * t * dh];
+                        for q0 in (0..t).step_by(QUERY_BLOCK) {
+                            let q1 = (q0 + QUERY_BLOCK).min(t);
+                            let rows = q1 - q0;
+                            let pb = &mut p[..rows * t];
+                            let replay = Softmax::Replay(&st[q0..q1]);
+                            let kend = self.probabilities(
+                                &q,
+                                &k,
+                                (bi, hi),
+                                (t, t, 0),
+                                (q0, q1),
+                                pb,
+                                replay,
+                            );
+                            let dpb = &mut dp[..rows * t];
+                            let dob = &dctx[qo + q0 * qs..];
+                            // dV += Pᵀ·dO
+                            ops::gemm(kend, dh, rows, &mut dv, dh, true, pb, 1, t, dob, qs, 1, 1);
+                            // dP = dO·Vᵀ
+                            ops::gemm(
+                                rows,
+                                kend,
+                                dh,
+                                dpb,
+                                t,
+                                false,
+                                dob,
+                                qs,
+                                1,
+                                &v[ko..],
+                                1,
+                                ks,
+                                1,
+                            );
+                            for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
+                                let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
+                                let dot = ops::dot(pr, dr);
+                                for (d, &pp) in dr.iter_mut().zip(pr) {
+                                    *d = pp * (*d - dot) * scale;
+                                }
                             }
+                            // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
+                            ops::gemm(
+                                rows,
+                                dh,
+                                kend,
+                                &mut dqh[q0 * dh..],
+                                dh,
+                                false,
+                                dpb,
+                                t,
+                                1,
+                                &k[ko..],
+                                ks,
+                                1,
+                                1,
+                            );
+                            ops::gemm(
+                                kend,
+                                dh,
+                                rows,
+                                &mut dk,
+                                dh,
+                                true,
+                                dpb,
+                                1,
+                                t,
+                                &q[qo + q0 * qs..],
+                                qs,
+                                1,
+                                1,
+                            );
                         }
-                        // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
-                        ops::gemm(
-                            rows,
-                            dh,
-                            kend,
-                            &mut dqh[q0 * dh..],
-                            dh,
-                            false,
-                            dpb,
-                            t,
-                            1,
-                            &k[ko..],
-                            ks,
-                            1,
-                            1,
-                        );
-                        ops::gemm(
-                            kend,
-                            dh,
-                            rows,
-                            &mut dk,
-                            dh,
-                            true,
-                            dpb,
-                            1,
-                            t,
-                            &q[qo + q0 * qs..],
-                            qs,
-                            1,
-                            1,
-                        );
                     }
-                }
-                (dq, dk, dv)
-            })
+                    (dq, dk, dv)
+                },
+            )
             .collect();
-        drop(probs);
+        drop(stats);
         let mut dq = scatter_heads(b, t, dh, hkv, group, |bg| &parts[bg].0);
         let mut dk = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].1);
         let dv = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].2);
