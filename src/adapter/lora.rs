@@ -123,6 +123,19 @@ struct DoraSaved {
     base_dropout: bool,
 }
 
+impl LoraSaved {
+    /// DoRA without base dropout: the layer's output is `y[i, o] = k[o]·z[i, o]` exactly, and
+    /// this state holds both; returns `(z, k)` so that a caller which keeps `y` for its own
+    /// backward (the MLP's gate and up outputs) can rebuild it from here instead of holding
+    /// the same numbers twice. `None` for LoRA and PEFT-form DoRA.
+    pub fn output_factors(&self) -> Option<(&[f32], &[f32])> {
+        self.dora
+            .as_ref()
+            .filter(|d| !d.base_dropout)
+            .map(|d| (d.z.as_slice(), d.k.as_slice()))
+    }
+}
+
 /// Gradients of the adapter's trainable tensors.
 #[derive(Debug, Clone)]
 pub struct LoraGrads {
@@ -376,7 +389,9 @@ impl LoraAdapter {
         let mut d_m = None;
         let mut kdy = None;
         let mut km1dy = None;
-        if let Some(d) = &dora {
+        let mut base_dropout = false;
+        if let Some(d) = dora {
+            base_dropout = d.base_dropout;
             let (g, g1, dm) = dora_output_grads(dy, d, n, out);
             d_m = Some(dm);
             kdy = Some(g);
@@ -384,9 +399,10 @@ impl LoraAdapter {
         }
         let g: &[f32] = kdy.as_deref().unwrap_or(dy);
         // The base: dy (LoRA, PEFT-form DoRA) or k⊙dy (DoRA without base dropout).
-        let base_dy = match &dora {
-            Some(d) if !d.base_dropout => g,
-            _ => dy,
+        let base_dy = if kdy.is_some() && !base_dropout {
+            g
+        } else {
+            dy
         };
         let mut dx = base.backward_input(base_dy, n);
         // dB = s·gᵀ·u, du = s·g·B.
@@ -421,50 +437,47 @@ fn gemm_acc_ubt(y: &mut [f32], u: &[f32], b: &[f32], n: usize, out: usize, r: us
     ops::gemm_scaled(n, out, r, y, out, true, u, r, 1, b, 1, r, s, ops::threads());
 }
 
-/// DoRA's output-side gradients in one pass over `dy`: `k⊙dy` (N, out), `(k−1)⊙dy` when the
-/// base saw the dropped-out input, and `dm = Σ_rows dy⊙z / ‖·‖` (out; partial sums per fixed
-/// row block, added in order, so the result does not depend on thread scheduling).
+/// DoRA's output-side gradients in one pass over `dy`: `k⊙dy` (N, out), written over `z` once
+/// each element of `z` has been read (no new buffer), `(k−1)⊙dy` when the base saw the
+/// dropped-out input, and `dm = Σ_rows dy⊙z / ‖·‖` (out; partial sums per fixed row block,
+/// added in order, so the result does not depend on thread scheduling).
 fn dora_output_grads(
     dy: &[f32],
-    d: &DoraSaved,
+    d: DoraSaved,
     n: usize,
     out: usize,
 ) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
-    assert!(
-        dy.len() == n * out && d.z.len() == n * out,
-        "DoRA dy/z shape"
-    );
+    let DoraSaved {
+        k,
+        norm,
+        mut z,
+        base_dropout,
+    } = d;
+    assert!(dy.len() == n * out && z.len() == n * out, "DoRA dy/z shape");
     let block = out * ROWS;
-    let mut partials: Vec<Vec<f32>> = Vec::new();
-    // SAFETY: the row blocks cover the buffer and every element of each row is written.
-    let g = unsafe {
-        ops::filled(n * out, |g| {
-            partials = g
-                .par_chunks_mut(block)
-                .zip(dy.par_chunks(block))
-                .zip(d.z.par_chunks(block))
-                .map(|((gr, dr), zr)| {
-                    let mut acc = vec![0f32; out];
-                    for ((g, dy), z) in gr.chunks_mut(out).zip(dr.chunks(out)).zip(zr.chunks(out)) {
-                        for o in 0..out {
-                            acc[o] += dy[o] * z[o];
-                            g[o].write(d.k[o] * dy[o]);
-                        }
-                    }
-                    acc
-                })
-                .collect();
+    let partials: Vec<Vec<f32>> = z
+        .par_chunks_mut(block)
+        .zip(dy.par_chunks(block))
+        .map(|(zr, dr)| {
+            let mut acc = vec![0f32; out];
+            for (z, dy) in zr.chunks_mut(out).zip(dr.chunks(out)) {
+                for o in 0..out {
+                    acc[o] += dy[o] * z[o];
+                    z[o] = k[o] * dy[o];
+                }
+            }
+            acc
         })
-    };
-    let g1 = d.base_dropout.then(|| {
-        let km1: Vec<f32> = d.k.iter().map(|k| k - 1.0).collect();
+        .collect();
+    let g1 = base_dropout.then(|| {
+        let km1: Vec<f32> = k.iter().map(|k| k - 1.0).collect();
         scale_columns(dy, out, &km1)
     });
     let mut dm = lowrank::reduce_parts(&partials, out);
-    for (v, nn) in dm.iter_mut().zip(&d.norm) {
+    for (v, nn) in dm.iter_mut().zip(&norm) {
         *v /= nn.max(dora::NORM_EPS);
     }
-    (g, g1, dm)
+    (z, g1, dm)
 }
 
 /// `y[i, o] = c[o] · x[i, o]` for rows of `width` (DoRA's `k⊙z`, `(k−1)⊙dy`), in parallel,
@@ -643,6 +656,32 @@ mod tests {
             let (y, _) = a.forward_train(&base, &x, n, &mut Rng::new(4));
             for (p, q) in y.iter().zip(&want) {
                 assert!((p - q).abs() < 1e-5, "{where_:?}: {p} vs {q}");
+            }
+        }
+    }
+
+    /// `output_factors` hands back `(z, k)` with `k[o]·z[i, o]` the forward's output to the
+    /// bit where that holds (DoRA without base dropout), and nothing where it does not.
+    #[test]
+    fn output_factors_rebuild_the_output_exactly() {
+        for (kind, p, where_, exact) in [
+            (AdapterKind::Dora, 0.3, DoraDropout::LoraOnly, true),
+            (AdapterKind::Dora, 0.0, DoraDropout::Peft, true),
+            (AdapterKind::Dora, 0.3, DoraDropout::Peft, false),
+            (AdapterKind::Lora, 0.3, DoraDropout::LoraOnly, false),
+        ] {
+            let (base, mut a, x, n) = setup(kind, p);
+            a.dora_dropout = where_;
+            let (y, saved) = a.forward_train(&base, &x, n, &mut Rng::new(5));
+            let Some((z, k)) = saved.output_factors() else {
+                assert!(!exact, "{kind:?} {p} {where_:?}: no factors");
+                continue;
+            };
+            assert!(exact, "{kind:?} {p} {where_:?}: factors where y ≠ k⊙z");
+            let out = a.out_features;
+            assert_eq!(z.len(), y.len());
+            for (i, (&y, &z)) in y.iter().zip(z).enumerate() {
+                assert_eq!(y.to_bits(), (k[i % out] * z).to_bits(), "element {i}");
             }
         }
     }

@@ -96,6 +96,15 @@ impl Linear {
         (y, LinearSaved { lora })
     }
 
+    /// The output of [`forward_train`](Self::forward_train) as factors its saved state already
+    /// holds: `(z, k)` with `y[i, o] = k[o]·z[i, o]` (DoRA without base dropout, no bias).
+    pub fn output_factors<'a>(&self, saved: &'a LinearSaved) -> Option<(&'a [f32], &'a [f32])> {
+        if self.bias.is_some() {
+            return None;
+        }
+        saved.lora.as_ref()?.output_factors()
+    }
+
     /// What backward needs, without computing the output (the last product of a recomputed
     /// block); draws from `rng` as [`forward_train`](Self::forward_train) does.
     pub fn saved_only(&self, x: &[f32], n: usize, rng: &mut Rng) -> LinearSaved {

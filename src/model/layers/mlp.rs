@@ -25,10 +25,39 @@ pub struct MlpSaved {
     gate: LinearSaved,
     up: LinearSaved,
     down: LinearSaved,
-    /// (N, F) gate pre-activation.
-    g: Vec<f32>,
-    /// (N, F) up output. (down_proj's input `silu(g)⊙u` is recomputed in backward.)
-    u: Vec<f32>,
+    /// (N, F) gate pre-activation; `None` where gate_proj's saved state rebuilds it
+    /// ([`Linear::output_factors`]: DoRA holds `z` and `k` with `g = k⊙z` anyway).
+    g: Option<Vec<f32>>,
+    /// (N, F) up output, the same way. (down_proj's input `silu(g)⊙u` is recomputed in
+    /// backward.)
+    u: Option<Vec<f32>>,
+}
+
+/// An (N, F) activation as columns-scaled values `v[i, c]·k[c]`: the saved activation itself
+/// with `k` all ones (`x·1 = x` exactly), or DoRA's `(z, k)` factors of it.
+#[derive(Clone, Copy)]
+struct Scaled<'a> {
+    v: &'a [f32],
+    k: &'a [f32],
+}
+
+impl<'a> Scaled<'a> {
+    fn of(
+        kept: &'a Option<Vec<f32>>,
+        lin: &Linear,
+        saved: &'a LinearSaved,
+        ones: &'a [f32],
+    ) -> Self {
+        match kept {
+            Some(v) => Scaled { v, k: ones },
+            None => {
+                let (v, k) = lin
+                    .output_factors(saved)
+                    .expect("an MLP activation not kept is held as factors");
+                Scaled { v, k }
+            }
+        }
+    }
 }
 
 /// Gradients of the MLP's trainable tensors.
@@ -62,6 +91,72 @@ fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
     }
 }
 
+/// Rows of width F per parallel work item in the passes over scaled activations.
+const ROWS: usize = 16;
+
+/// `h = silu(g) ⊙ u` with `g`, `u` given as scaled values (backward's recomputation): the
+/// same numbers as [`swiglu`] on the rebuilt activations.
+fn swiglu_scaled(g: Scaled<'_>, u: Scaled<'_>, f: usize) -> Vec<f32> {
+    assert!(
+        g.v.len() == u.v.len() && g.k.len() == f && u.k.len() == f,
+        "gate and up shapes"
+    );
+    // SAFETY: the row blocks of `g.v` and `u.v` cover the buffer, and each row is written.
+    unsafe {
+        ops::filled(g.v.len(), |h| {
+            h.par_chunks_mut(f * ROWS)
+                .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
+                .for_each(|(h, (gv, uv))| {
+                    for ((h, gv), uv) in h.chunks_mut(f).zip(gv.chunks(f)).zip(uv.chunks(f)) {
+                        for c in 0..f {
+                            let (gi, ui) = (gv[c] * g.k[c], uv[c] * u.k[c]);
+                            h[c].write(gi * ops::sigmoid(gi) * ui);
+                        }
+                    }
+                })
+        })
+    }
+}
+
+/// SwiGLU's backward from `dh`: `(dg, du)` with `dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))`,
+/// `du = dh ⊙ silu(g)`, `σ = sigmoid(g)`.
+fn swiglu_grads(gi: f32, ui: f32, dh: f32) -> (f32, f32) {
+    let s = ops::sigmoid(gi);
+    (dh * ui * s * (1.0 + gi * (1.0 - s)), dh * gi * s)
+}
+
+/// [`swiglu_grads`] over scaled activations, into new `(dg, du)` buffers.
+fn swiglu_grads_scaled(g: Scaled<'_>, u: Scaled<'_>, dh: &[f32], f: usize) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        g.v.len() == dh.len() && u.v.len() == dh.len(),
+        "gate, up and dh lengths"
+    );
+    let mut du = Vec::new();
+    // SAFETY: `dg`'s and `du`'s row blocks pair with those of `dh` (same length), and each
+    // element of each row of both is written.
+    let dg = unsafe {
+        ops::filled(dh.len(), |dg| {
+            du = ops::filled(dh.len(), |du| {
+                dg.par_chunks_mut(f * ROWS)
+                    .zip(du.par_chunks_mut(f * ROWS))
+                    .zip(dh.par_chunks(f * ROWS))
+                    .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
+                    .for_each(|(((dg, du), dh), (gv, uv))| {
+                        let rows = dg.chunks_mut(f).zip(du.chunks_mut(f)).zip(dh.chunks(f));
+                        for (((dg, du), dh), (gv, uv)) in rows.zip(gv.chunks(f).zip(uv.chunks(f))) {
+                            for c in 0..f {
+                                let (a, b) = swiglu_grads(gv[c] * g.k[c], uv[c] * u.k[c], dh[c]);
+                                dg[c].write(a);
+                                du[c].write(b);
+                            }
+                        }
+                    })
+            })
+        })
+    };
+    (dg, du)
+}
+
 impl Mlp {
     /// Inference.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
@@ -82,6 +177,9 @@ impl Mlp {
         let (g, gate) = self.gate_proj.forward_train(x, n, rng);
         let (u, up) = self.up_proj.forward_train(x, n, rng);
         let h = swiglu(&g, &u);
+        // Dropped before down_proj's product where the adapters hold them as factors.
+        let g = self.gate_proj.output_factors(&gate).is_none().then_some(g);
+        let u = self.up_proj.output_factors(&up).is_none().then_some(u);
         let (y, down) = if need_output {
             self.down_proj.forward_train(&h, n, rng)
         } else {
@@ -114,23 +212,34 @@ impl Mlp {
             g,
             u,
         } = saved;
-        let h = swiglu(&g, &u);
+        let f = self.gate_proj.out_features();
+        let ones = vec![1f32; f];
+        let gs = Scaled::of(&g, &self.gate_proj, &gate, &ones);
+        let us = Scaled::of(&u, &self.up_proj, &up, &ones);
+        let h = swiglu_scaled(gs, us, f);
         let (dh, gd) = self.down_proj.backward(down, &h, dy, n);
         drop(h);
-        // dg and du overwrite g and u (no longer needed): two (N, F) buffers fewer at the peak.
-        let (mut dg, mut du) = (g, u);
-        let c = ops::PAR_CHUNK;
-        dg.par_chunks_mut(c)
-            .zip(du.par_chunks_mut(c))
-            .zip(dh.par_chunks(c))
-            .for_each(|((g, u), dh)| {
-                for i in 0..g.len() {
-                    let (gi, ui) = (g[i], u[i]);
-                    let s = ops::sigmoid(gi);
-                    u[i] = dh[i] * gi * s;
-                    g[i] = dh[i] * ui * s * (1.0 + gi * (1.0 - s));
-                }
-            });
+        let (dg, du) = match (g, u) {
+            // dg and du overwrite g and u (no longer needed): two (N, F) buffers fewer at the
+            // peak.
+            (Some(mut dg), Some(mut du)) => {
+                dg.par_chunks_mut(f * ROWS)
+                    .zip(du.par_chunks_mut(f * ROWS))
+                    .zip(dh.par_chunks(f * ROWS))
+                    .for_each(|((g, u), dh)| {
+                        for i in 0..g.len() {
+                            (g[i], u[i]) = swiglu_grads(g[i], u[i], dh[i]);
+                        }
+                    });
+                (dg, du)
+            }
+            // Held as factors: new buffers (the factors stay for the adapters' backward).
+            (g, u) => {
+                let gs = Scaled::of(&g, &self.gate_proj, &gate, &ones);
+                let us = Scaled::of(&u, &self.up_proj, &up, &ones);
+                swiglu_grads_scaled(gs, us, &dh, f)
+            }
+        };
         drop(dh);
         let (mut dx, gg) = self.gate_proj.backward(gate, x, &dg, n);
         drop(dg);
@@ -144,5 +253,69 @@ impl Mlp {
                 down_proj: gd,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{AdapterKind, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter};
+
+    fn dora_linear(out: usize, inp: usize, rng: &mut Rng) -> Linear {
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.3).collect();
+        let weight = BaseWeight::Dense { w, out, inp };
+        let init = InitLoraWeights::Random;
+        let mut a = LoraAdapter::new(&weight, AdapterKind::Dora, 2, 2.0, 0.3, init, rng);
+        a.dora_dropout = DoraDropout::LoraOnly;
+        // Away from init (where m = ‖W + sBA‖ makes every k exactly 1).
+        for (i, m) in a.lora_magnitude_vector.iter_mut().flatten().enumerate() {
+            *m *= 1.0 + 0.07 * (i % 5) as f32;
+        }
+        let mut l = Linear::new(weight, None);
+        l.adapter = Some(a);
+        l
+    }
+
+    /// With DoRA (dropout on the low-rank path only) on gate and up, the MLP keeps their
+    /// outputs as the adapters' `(z, k)` factors instead of a copy; forward, `dx` and every
+    /// gradient must be those of the path that keeps `g` and `u`, to the bit (a zero bias on
+    /// gate and up turns the factors off: `y + 0 = y`).
+    #[test]
+    fn dora_factors_give_the_kept_activations_results_to_the_bit() {
+        let (d, f, n) = (6, 10, 5);
+        let mut rng = Rng::new(21);
+        let factored = Mlp {
+            gate_proj: dora_linear(f, d, &mut rng),
+            up_proj: dora_linear(f, d, &mut rng),
+            down_proj: dora_linear(d, f, &mut rng),
+        };
+        let mut kept = factored.clone();
+        kept.gate_proj.bias = Some(vec![0.0; f]);
+        kept.up_proj.bias = Some(vec![0.0; f]);
+        let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        let dy: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut results = Vec::new();
+        for (mlp, factors) in [(&factored, true), (&kept, false)] {
+            let (y, saved) = mlp.forward_train(&x, n, &mut Rng::new(3), true);
+            assert_eq!(
+                saved.g.is_none(),
+                factors,
+                "gate output kept as factors: {factors}"
+            );
+            assert_eq!(saved.u.is_none(), factors);
+            let (dx, g) = mlp.backward(saved, &x, &dy, n);
+            let mut all = vec![bits(&y), bits(&dx)];
+            for l in [g.gate_proj, g.up_proj, g.down_proj] {
+                let l = l.lora.expect("adapter gradients");
+                all.push(bits(&l.d_lora_a));
+                all.push(bits(&l.d_lora_b));
+                all.push(bits(
+                    &l.d_lora_magnitude_vector.expect("DoRA magnitude gradient"),
+                ));
+            }
+            results.push(all);
+        }
+        assert_eq!(results[0], results[1]);
     }
 }
