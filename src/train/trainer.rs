@@ -14,7 +14,7 @@ use super::data::{self, DataOptions, Sequence};
 use super::error::{Error, Result};
 use super::optim::{clip_coefficient, AdamW, AdamWOptions};
 use super::plot;
-use crate::adapter::{BaseWeight, LoraConfig};
+use crate::adapter::{BaseWeight, DoraDropout, LoraConfig};
 use crate::model::adapters;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{load, BaseStorage, Grads, Llama, LoadOptions, StepOptions};
@@ -239,15 +239,21 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let (d, f) = (c.hidden_size as f64, c.intermediate_size as f64);
     let q = (c.num_attention_heads * c.head_dim) as f64;
     let kv = (c.num_key_value_heads * c.head_dim) as f64;
-    let probs = (cfg.batch_size * c.num_attention_heads * cfg.seq_len * cfg.seq_len) as f64;
+    // attention keeps two softmax statistics per probability row, not the probabilities
+    let stats = (cfg.batch_size * c.num_attention_heads * cfg.seq_len * 2) as f64;
     // DoRA keeps each adapted layer's pre-scale output `z` for the magnitude's gradient
-    // (dropout masks are regenerated from a seed, never stored).
+    // (dropout masks are regenerated from a seed, never stored); where the output is exactly
+    // `k⊙z` (no dropout on the base path), the MLP rebuilds gate/up outputs from it instead
+    // of keeping them.
     let dora_z = if cfg.mode.dora() {
         n * (q + 2.0 * kv + 2.0 * d + 2.0 * f)
     } else {
         0.0
     };
-    let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + probs + 2.0 * n * f + dora_z);
+    let factors = cfg.mode.dora()
+        && (cfg.dora_dropout == DoraDropout::LoraOnly || cfg.lora_dropout == 0.0);
+    let mlp_kept = if factors { 0.0 } else { 2.0 * n * f };
+    let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + stats + mlp_kept + dora_z);
     let layers = c.num_hidden_layers as f64;
     // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
     let chunk = crate::model::loss::CHUNK_ROWS as f64;
