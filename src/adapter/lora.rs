@@ -295,13 +295,40 @@ impl LoraAdapter {
         n: usize,
         rng: &mut Rng,
     ) -> (Vec<f32>, LoraSaved) {
+        let (Some(y), saved) = self.train_forward(base, x, n, rng, false) else {
+            unreachable!("the output is formed unless factors are asked for")
+        };
+        (y, saved)
+    }
+
+    /// [`forward_train`](Self::forward_train) for a caller that can take the output as
+    /// factors: `None` in place of `y` where the saved state holds it as `(z, k)`
+    /// ([`LoraSaved::output_factors`]), and `k⊙z` is never written.
+    pub fn forward_train_factored(
+        &self,
+        base: &BaseWeight,
+        x: &[f32],
+        n: usize,
+        rng: &mut Rng,
+    ) -> (Option<Vec<f32>>, LoraSaved) {
+        self.train_forward(base, x, n, rng, true)
+    }
+
+    fn train_forward(
+        &self,
+        base: &BaseWeight,
+        x: &[f32],
+        n: usize,
+        rng: &mut Rng,
+        factored: bool,
+    ) -> (Option<Vec<f32>>, LoraSaved) {
         let (out, r, s) = (self.out_features, self.r, self.scaling);
         let (dropout, u) = self.low_rank_input(x, n, rng);
         let (Some(m), Some(w2)) = (&self.lora_magnitude_vector, &self.w_norm_sq) else {
             let mut y = base.forward(x, n);
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
             return (
-                y,
+                Some(y),
                 LoraSaved {
                     dropout,
                     u,
@@ -312,7 +339,7 @@ impl LoraAdapter {
         let (mut y, wat) = base.forward_and_times_at(x, n, &self.lora_a, r);
         let norm = dora::weight_norm_with(&wat, w2, &self.lora_a, &self.lora_b, r, s);
         let k = dora::magnitude_scale(m, &norm);
-        let base_dropout = self.dora_dropout == DoraDropout::Peft;
+        let base_dropout = self.dora_dropout == DoraDropout::Peft && dropout.is_some();
         let z = if let (true, Some(d)) = (base_dropout, &dropout) {
             // z = x_d·Wᵀ + s·u·Bᵀ;  y = x·Wᵀ + (k−1)⊙(x_d·Wᵀ) + k⊙(s·u·Bᵀ).
             let mut z = base.forward(&d.applied(x), n);
@@ -336,17 +363,21 @@ impl LoraAdapter {
                 });
             z
         } else {
-            // z = x·Wᵀ + s·u·Bᵀ (built in y's buffer);  y = k⊙z.
+            // z = x·Wᵀ + s·u·Bᵀ (built in y's buffer);  y = k⊙z, unless the caller takes
+            // the factors.
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
             let z = std::mem::take(&mut y);
-            y = scale_columns(&z, out, &k);
+            if !factored {
+                y = scale_columns(&z, out, &k);
+            }
             z
         };
+        let y = (!factored || base_dropout).then_some(y);
         let dora = DoraSaved {
             k,
             norm,
             z,
-            base_dropout: base_dropout && dropout.is_some(),
+            base_dropout,
         };
         (
             y,
@@ -363,7 +394,7 @@ impl LoraAdapter {
     /// it for `z`. Draws from `rng` exactly as [`forward_train`](Self::forward_train) does.
     pub fn saved_only(&self, base: &BaseWeight, x: &[f32], n: usize, rng: &mut Rng) -> LoraSaved {
         if self.lora_magnitude_vector.is_some() {
-            return self.forward_train(base, x, n, rng).1;
+            return self.train_forward(base, x, n, rng, true).1;
         }
         let (dropout, u) = self.low_rank_input(x, n, rng);
         LoraSaved {
@@ -673,6 +704,12 @@ mod tests {
             let (base, mut a, x, n) = setup(kind, p);
             a.dora_dropout = where_;
             let (y, saved) = a.forward_train(&base, &x, n, &mut Rng::new(5));
+            // The factored forward forms the output exactly where the factors are not kept.
+            let (yf, _) = a.forward_train_factored(&base, &x, n, &mut Rng::new(5));
+            match yf {
+                Some(yf) => assert!(!exact && yf == y, "{kind:?} {p} {where_:?}"),
+                None => assert!(exact, "{kind:?} {p} {where_:?}: no output, no factors"),
+            }
             let Some((z, k)) = saved.output_factors() else {
                 assert!(!exact, "{kind:?} {p} {where_:?}: no factors");
                 continue;

@@ -250,8 +250,8 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     } else {
         0.0
     };
-    let factors = cfg.mode.dora()
-        && (cfg.dora_dropout == DoraDropout::LoraOnly || cfg.lora_dropout == 0.0);
+    let factors =
+        cfg.mode.dora() && (cfg.dora_dropout == DoraDropout::LoraOnly || cfg.lora_dropout == 0.0);
     let mlp_kept = if factors { 0.0 } else { 2.0 * n * f };
     let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + stats + mlp_kept + dora_z);
     let layers = c.num_hidden_layers as f64;

@@ -96,6 +96,27 @@ impl Linear {
         (y, LinearSaved { lora })
     }
 
+    /// [`forward_train`](Self::forward_train) for a caller that can take the output as factors:
+    /// `None` in place of `y` where [`output_factors`](Self::output_factors) holds it, which
+    /// then is never formed.
+    pub fn forward_train_factored(
+        &self,
+        x: &[f32],
+        n: usize,
+        rng: &mut Rng,
+    ) -> (Option<Vec<f32>>, LinearSaved) {
+        match (&self.adapter, &self.bias) {
+            (Some(a), None) => {
+                let (y, s) = a.forward_train_factored(&self.weight, x, n, rng);
+                (y, LinearSaved { lora: Some(s) })
+            }
+            _ => {
+                let (y, s) = self.forward_train(x, n, rng);
+                (Some(y), s)
+            }
+        }
+    }
+
     /// The output of [`forward_train`](Self::forward_train) as factors its saved state already
     /// holds: `(z, k)` with `y[i, o] = k[o]·z[i, o]` (DoRA without base dropout, no bias).
     pub fn output_factors<'a>(&self, saved: &'a LinearSaved) -> Option<(&'a [f32], &'a [f32])> {

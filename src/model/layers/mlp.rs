@@ -125,36 +125,38 @@ fn swiglu_grads(gi: f32, ui: f32, dh: f32) -> (f32, f32) {
     (dh * ui * s * (1.0 + gi * (1.0 - s)), dh * gi * s)
 }
 
-/// [`swiglu_grads`] over scaled activations, into new `(dg, du)` buffers.
-fn swiglu_grads_scaled(g: Scaled<'_>, u: Scaled<'_>, dh: &[f32], f: usize) -> (Vec<f32>, Vec<f32>) {
+/// [`swiglu_grads`] over scaled activations: `dg` written over `dh` (each element read
+/// first), `du` into a new buffer.
+fn swiglu_grads_scaled(
+    g: Scaled<'_>,
+    u: Scaled<'_>,
+    mut dh: Vec<f32>,
+    f: usize,
+) -> (Vec<f32>, Vec<f32>) {
     assert!(
         g.v.len() == dh.len() && u.v.len() == dh.len(),
         "gate, up and dh lengths"
     );
-    let mut du = Vec::new();
-    // SAFETY: `dg`'s and `du`'s row blocks pair with those of `dh` (same length), and each
-    // element of each row of both is written.
-    let dg = unsafe {
-        ops::filled(dh.len(), |dg| {
-            du = ops::filled(dh.len(), |du| {
-                dg.par_chunks_mut(f * ROWS)
-                    .zip(du.par_chunks_mut(f * ROWS))
-                    .zip(dh.par_chunks(f * ROWS))
-                    .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
-                    .for_each(|(((dg, du), dh), (gv, uv))| {
-                        let rows = dg.chunks_mut(f).zip(du.chunks_mut(f)).zip(dh.chunks(f));
-                        for (((dg, du), dh), (gv, uv)) in rows.zip(gv.chunks(f).zip(uv.chunks(f))) {
-                            for c in 0..f {
-                                let (a, b) = swiglu_grads(gv[c] * g.k[c], uv[c] * u.k[c], dh[c]);
-                                dg[c].write(a);
-                                du[c].write(b);
-                            }
+    // SAFETY: `du`'s row blocks pair with those of `dh` (same length), and each element of
+    // each row is written.
+    let du = unsafe {
+        ops::filled(dh.len(), |du| {
+            dh.par_chunks_mut(f * ROWS)
+                .zip(du.par_chunks_mut(f * ROWS))
+                .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
+                .for_each(|((dg, du), (gv, uv))| {
+                    let rows = dg.chunks_mut(f).zip(du.chunks_mut(f));
+                    for ((dg, du), (gv, uv)) in rows.zip(gv.chunks(f).zip(uv.chunks(f))) {
+                        for c in 0..f {
+                            let (a, b) = swiglu_grads(gv[c] * g.k[c], uv[c] * u.k[c], dg[c]);
+                            dg[c] = a;
+                            du[c].write(b);
                         }
-                    })
-            })
+                    }
+                })
         })
     };
-    (dg, du)
+    (dh, du)
 }
 
 impl Mlp {
@@ -174,12 +176,15 @@ impl Mlp {
         rng: &mut Rng,
         need_output: bool,
     ) -> (Vec<f32>, MlpSaved) {
-        let (g, gate) = self.gate_proj.forward_train(x, n, rng);
-        let (u, up) = self.up_proj.forward_train(x, n, rng);
-        let h = swiglu(&g, &u);
-        // Dropped before down_proj's product where the adapters hold them as factors.
-        let g = self.gate_proj.output_factors(&gate).is_none().then_some(g);
-        let u = self.up_proj.output_factors(&up).is_none().then_some(u);
+        // g and u are formed only where the adapters do not hold them as factors.
+        let (g, gate) = self.gate_proj.forward_train_factored(x, n, rng);
+        let (u, up) = self.up_proj.forward_train_factored(x, n, rng);
+        let ones = vec![1f32; self.gate_proj.out_features()];
+        let h = swiglu_scaled(
+            Scaled::of(&g, &self.gate_proj, &gate, &ones),
+            Scaled::of(&u, &self.up_proj, &up, &ones),
+            ones.len(),
+        );
         let (y, down) = if need_output {
             self.down_proj.forward_train(&h, n, rng)
         } else {
@@ -233,14 +238,13 @@ impl Mlp {
                     });
                 (dg, du)
             }
-            // Held as factors: new buffers (the factors stay for the adapters' backward).
+            // Held as factors (they stay for the adapters' backward): dg over dh, du new.
             (g, u) => {
                 let gs = Scaled::of(&g, &self.gate_proj, &gate, &ones);
                 let us = Scaled::of(&u, &self.up_proj, &up, &ones);
-                swiglu_grads_scaled(gs, us, &dh, f)
+                swiglu_grads_scaled(gs, us, dh, f)
             }
         };
-        drop(dh);
         let (mut dx, gg) = self.gate_proj.backward(gate, x, &dg, n);
         drop(dg);
         let (dxu, gu) = self.up_proj.backward(up, x, &du, n);
