@@ -6,7 +6,9 @@
 
 use super::config::LlamaConfig;
 use super::error::{Error, Result};
-use super::layers::{Block, BlockGrads, BlockSaved, KvCache, Linear, LinearGrads, RmsNorm, Rope};
+use super::layers::{
+    Block, BlockGrads, BlockSaved, Keep, KvCache, Linear, LinearGrads, RmsNorm, Rope,
+};
 use super::loss::{self, HeadLoss};
 use crate::adapter::{peft_io, BaseWeight};
 use crate::ops::Rng;
@@ -339,8 +341,13 @@ impl Llama {
             let r = rng.fork(i as u64 + 1);
             // The last block's backward follows at once: recomputing it would cost a forward
             // and save nothing, since backward rebuilds the same activations anyway.
-            let ckpt = opts.gradient_checkpointing && i < last;
-            let (y, s) = layer.forward_train(x, b, t, &self.rope, r, ckpt);
+            // Checkpointing saves memory everywhere, attention probabilities included.
+            let keep = match (opts.gradient_checkpointing, i < last) {
+                (false, _) => Keep::All,
+                (true, true) => Keep::Input,
+                (true, false) => Keep::AllButProbs,
+            };
+            let (y, s) = layer.forward_train(x, b, t, &self.rope, r, keep);
             saved.push(s);
             x = y;
         }

@@ -239,8 +239,10 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let (d, f) = (c.hidden_size as f64, c.intermediate_size as f64);
     let q = (c.num_attention_heads * c.head_dim) as f64;
     let kv = (c.num_key_value_heads * c.head_dim) as f64;
-    // attention keeps two softmax statistics per probability row, not the probabilities
-    let stats = (cfg.batch_size * c.num_attention_heads * cfg.seq_len * 2) as f64;
+    // attention keeps its probabilities, or with checkpointing two softmax statistics per
+    // probability row
+    let rows = (cfg.batch_size * c.num_attention_heads * cfg.seq_len) as f64;
+    let (probs, stats) = (rows * cfg.seq_len as f64, rows * 2.0);
     // DoRA keeps each adapted layer's pre-scale output `z` for the magnitude's gradient
     // (dropout masks are regenerated from a seed, never stored); where the output is exactly
     // `k⊙z` (no dropout on the base path), the MLP rebuilds gate/up outputs from it instead
@@ -253,13 +255,14 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let factors =
         cfg.mode.dora() && (cfg.dora_dropout == DoraDropout::LoraOnly || cfg.lora_dropout == 0.0);
     let mlp_kept = if factors { 0.0 } else { 2.0 * n * f };
-    let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + stats + mlp_kept + dora_z);
+    let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + mlp_kept + dora_z);
+    let (block_full, block_lean) = (per_block + 4.0 * probs, per_block + 4.0 * stats);
     let layers = c.num_hidden_layers as f64;
     // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
     let chunk = crate::model::loss::CHUNK_ROWS as f64;
     let head = 4.0 * (chunk * c.vocab_size as f64 + 2.0 * n * d);
-    let full = per_block * layers + head;
-    let ckpt = 4.0 * n * d * layers + 2.0 * per_block + head;
+    let full = block_full * layers + head;
+    let ckpt = 4.0 * n * d * layers + 2.0 * block_lean + head;
     (mib(weights), mib(states), mib(ckpt), mib(full))
 }
 

@@ -6,9 +6,10 @@
 //! Backward: `dV_g += Pᵀ·dO`, `dP = dO·V_gᵀ`, `dS = P⊙(dP − rowsum(dP⊙P))`,
 //! `dQ_h = dS·K_g/√Dh`, `dK_g += dSᵀ·Q_h/√Dh`, then the inverse RoPE rotation and the
 //! projections' backward. Shapes: x (N = B·T, D), q (N, H·Dh), k/v (N, Hkv·Dh).
-//! The probabilities are not kept: the forward saves each row's softmax statistics
-//! (B·H·T pairs) and the backward recomputes `P` one query block at a time, to the bit, in
-//! scratch that stays in cache (as FlashAttention does), instead of a (B, H, T, T) tensor.
+//! The probabilities (B, H, T, T) are kept for backward, or, to save memory (with activation
+//! checkpointing), only each row's softmax statistics (B·H·T pairs): the backward then
+//! recomputes `P` one query block at a time, to the bit, in scratch that stays in cache (as
+//! FlashAttention does), for one more `Q·Kᵀ` product.
 
 use rayon::prelude::*;
 
@@ -65,8 +66,8 @@ pub struct AttentionSaved {
     k: Vec<f32>,
     /// (N, Hkv·Dh).
     v: Vec<f32>,
-    /// (B·H·T) softmax statistics of each probability row (see [`ops::softmax_replay`]).
-    stats: Vec<[f32; 2]>,
+    /// The probabilities or their statistics.
+    probs: Probs,
     /// (N, H·Dh) input of o_proj.
     ctx: Vec<f32>,
     b: usize,
@@ -93,6 +94,14 @@ pub struct AttentionGrads {
 /// Queries per block in the causal products: a block's keys end at its last query (128:
 /// fewer, larger products than 64, which matters with AVX-512 kernels; 256 would skip nothing).
 const QUERY_BLOCK: usize = 128;
+
+/// What the forward keeps of the attention probabilities for backward.
+enum Probs {
+    /// (B·H, T, T) the probabilities themselves.
+    Kept(Vec<f32>),
+    /// (B·H·T) each probability row's softmax statistics (see [`ops::softmax_replay`]).
+    Stats(Vec<[f32; 2]>),
+}
 
 /// How [`Attention::probabilities`] takes each row's softmax: fresh (writing the row's
 /// statistics) or replayed from the statistics the forward wrote.
@@ -210,7 +219,8 @@ impl Attention {
 
     /// Scaled-dot-product attention for `b` sequences of `tq` queries over `tk` keys, where
     /// query `i` sits at absolute position `pos0 + i` and keys at `0..tk`. Returns the context
-    /// (b·tq, H·Dh) and each probability row's softmax statistics (b·H·tq, for backward).
+    /// (b·tq, H·Dh), each probability row's softmax statistics (b·H·tq) and, with
+    /// `keep_probs`, the probabilities (b·H, tq, tk) (empty otherwise).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -221,48 +231,66 @@ impl Attention {
         tq: usize,
         tk: usize,
         pos0: usize,
-    ) -> (Vec<f32>, Vec<[f32; 2]>) {
+        keep_probs: bool,
+    ) -> (Vec<f32>, Vec<[f32; 2]>, Vec<f32>) {
         let Dims { h, hkv, dh } = self.dims();
         let ks = hkv * dh;
         let mut stats = vec![[0f32; 2]; b * h * tq];
-        // One (batch row, head) per task, its probabilities in scratch reused across tasks.
-        let outs: Vec<Vec<f32>> = stats
-            .par_chunks_mut(tq)
-            .enumerate()
-            .map_init(
-                || vec![0f32; QUERY_BLOCK.min(tq) * tk],
-                |s, (bh, st)| {
-                    let (bi, hi) = (bh / h, bh % h);
-                    let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
-                    let mut o = vec![0f32; tq * dh];
-                    for q0 in (0..tq).step_by(QUERY_BLOCK) {
-                        let q1 = (q0 + QUERY_BLOCK).min(tq);
-                        let sb = &mut s[..(q1 - q0) * tk];
-                        let fresh = Softmax::Fresh(&mut st[q0..q1]);
-                        let kend =
-                            self.probabilities(q, k, (bi, hi), (tq, tk, pos0), (q0, q1), sb, fresh);
-                        ops::gemm(
-                            q1 - q0,
-                            dh,
-                            kend,
-                            &mut o[q0 * dh..],
-                            dh,
-                            false,
-                            sb,
-                            tk,
-                            1,
-                            &v[vo..],
-                            ks,
-                            1,
-                            1,
-                        );
-                    }
-                    o
-                },
-            )
-            .collect();
+        // One (batch row, head): its probabilities in `s`, the whole head's (`tq × tk`, kept)
+        // or one query block's at a time (scratch); returns its context.
+        let head = |bh: usize, st: &mut [[f32; 2]], s: &mut [f32]| -> Vec<f32> {
+            let (bi, hi) = (bh / h, bh % h);
+            let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
+            let whole = s.len() == tq * tk;
+            let mut o = vec![0f32; tq * dh];
+            for q0 in (0..tq).step_by(QUERY_BLOCK) {
+                let q1 = (q0 + QUERY_BLOCK).min(tq);
+                let sb = if whole {
+                    &mut s[q0 * tk..q1 * tk]
+                } else {
+                    &mut s[..(q1 - q0) * tk]
+                };
+                let fresh = Softmax::Fresh(&mut st[q0..q1]);
+                let kend = self.probabilities(q, k, (bi, hi), (tq, tk, pos0), (q0, q1), sb, fresh);
+                ops::gemm(
+                    q1 - q0,
+                    dh,
+                    kend,
+                    &mut o[q0 * dh..],
+                    dh,
+                    false,
+                    sb,
+                    tk,
+                    1,
+                    &v[vo..],
+                    ks,
+                    1,
+                    1,
+                );
+            }
+            o
+        };
+        let mut probs = vec![0f32; if keep_probs { b * h * tq * tk } else { 0 }];
+        let outs: Vec<Vec<f32>> = if keep_probs {
+            stats
+                .par_chunks_mut(tq)
+                .zip(probs.par_chunks_mut(tq * tk))
+                .enumerate()
+                .map(|(bh, (st, s))| head(bh, st, s))
+                .collect()
+        } else {
+            // scratch for one query block, reused across tasks
+            stats
+                .par_chunks_mut(tq)
+                .enumerate()
+                .map_init(
+                    || vec![0f32; QUERY_BLOCK.min(tq) * tk],
+                    |s, (bh, st)| head(bh, st, s),
+                )
+                .collect()
+        };
         let ctx = scatter_heads(b, tq, dh, h, 1, |bh| &outs[bh]);
-        (ctx, stats)
+        (ctx, stats, probs)
     }
 
     fn project_qkv(
@@ -316,14 +344,16 @@ impl Attention {
                 c.k.extend_from_slice(&k);
                 c.v.extend_from_slice(&v);
                 let tk = c.k.len() / (hkv * dh);
-                self.attend(&q, &c.k, &c.v, 1, t, tk, pos0).0
+                self.attend(&q, &c.k, &c.v, 1, t, tk, pos0, false).0
             }
-            None => self.attend(&q, &k, &v, b, t, t, 0).0,
+            None => self.attend(&q, &k, &v, b, t, t, 0, false).0,
         };
         self.o_proj.forward(&ctx, n)
     }
 
-    /// Training forward.
+    /// Training forward. With `keep_probs` the probabilities are saved for backward (fastest);
+    /// without, their softmax statistics only (16 MiB a layer less at 4×256 tokens and 16
+    /// heads) and backward recomputes them.
     pub fn forward_train(
         &self,
         x: &[f32],
@@ -331,6 +361,7 @@ impl Attention {
         t: usize,
         rope: &Rope,
         rng: &mut Rng,
+        keep_probs: bool,
     ) -> (Vec<f32>, AttentionSaved) {
         let n = b * t;
         let Dims { h, hkv, .. } = self.dims();
@@ -348,7 +379,12 @@ impl Attention {
         };
         rope.apply(&mut q, h, |i| i % t, false);
         rope.apply(&mut k, hkv, |i| i % t, false);
-        let (ctx, stats) = self.attend(&q, &k, &v, b, t, t, 0);
+        let (ctx, stats, kept) = self.attend(&q, &k, &v, b, t, t, 0, keep_probs);
+        let probs = if keep_probs {
+            Probs::Kept(kept)
+        } else {
+            Probs::Stats(stats)
+        };
         let (y, o_lin) = self.o_proj.forward_train(&ctx, n, rng);
         (
             y,
@@ -361,7 +397,7 @@ impl Attention {
                 q,
                 k,
                 v,
-                stats,
+                probs,
                 ctx,
                 b,
                 t,
@@ -386,7 +422,7 @@ impl Attention {
             q,
             k,
             v,
-            stats,
+            probs,
             ctx,
             b,
             t,
@@ -398,8 +434,9 @@ impl Attention {
         let (qs, ks) = (h * dh, hkv * dh);
         let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx, dy, n);
         drop(ctx);
-        // Per (batch row, kv group): dq for its heads, dk and dv of the group. Each query
-        // block's probabilities are recomputed into scratch `p` (reused across tasks).
+        // Per (batch row, kv group): dq for its heads, dk and dv of the group. Without kept
+        // probabilities, each query block's are recomputed into scratch `p` (reused across
+        // tasks).
         let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
             .into_par_iter()
             .map_init(
@@ -417,22 +454,23 @@ impl Attention {
                     let mut dq = vec![0f32; group * t * dh];
                     for (gi, hi) in (g * group..(g + 1) * group).enumerate() {
                         let qo = bi * t * qs + hi * dh;
-                        let st = &stats[(bi * h + hi) * t..(bi * h + hi + 1) * t];
+                        let head = (bi * h + hi) * t;
                         let dqh = &mut dq[gi * t * dh..(gi + 1) * t * dh];
                         for q0 in (0..t).step_by(QUERY_BLOCK) {
                             let q1 = (q0 + QUERY_BLOCK).min(t);
                             let rows = q1 - q0;
-                            let pb = &mut p[..rows * t];
-                            let replay = Softmax::Replay(&st[q0..q1]);
-                            let kend = self.probabilities(
-                                &q,
-                                &k,
-                                (bi, hi),
-                                (t, t, 0),
-                                (q0, q1),
-                                pb,
-                                replay,
-                            );
+                            // query block q0..q1 sees keys 0..q1 (causal)
+                            let kend = q1;
+                            let pb: &[f32] = match &probs {
+                                Probs::Kept(all) => &all[(head + q0) * t..(head + q1) * t],
+                                Probs::Stats(st) => {
+                                    let pb = &mut p[..rows * t];
+                                    let st = Softmax::Replay(&st[head + q0..head + q1]);
+                                    let blk = (q0, q1);
+                                    self.probabilities(&q, &k, (bi, hi), (t, t, 0), blk, pb, st);
+                                    pb
+                                }
+                            };
                             let dpb = &mut dp[..rows * t];
                             let dob = &dctx[qo + q0 * qs..];
                             // dV += Pᵀ·dO
@@ -497,7 +535,7 @@ impl Attention {
                 },
             )
             .collect();
-        drop(stats);
+        drop(probs);
         let mut dq = scatter_heads(b, t, dh, hkv, group, |bg| &parts[bg].0);
         let mut dk = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].1);
         let dv = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].2);
@@ -527,5 +565,58 @@ impl Attention {
         grads.k_proj = gk;
         grads.v_proj = gv;
         (dx, grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::BaseWeight;
+    use crate::model::config::RopeScaling;
+
+    fn dense(out: usize, inp: usize, rng: &mut Rng) -> Linear {
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.4).collect();
+        let mut l = Linear::new(BaseWeight::Dense { w, out, inp }, None);
+        l.train_weight = true;
+        l
+    }
+
+    /// Backward from recomputed probabilities (statistics only) equals backward from kept
+    /// probabilities to the bit, over several query blocks (one partial), grouped heads, and
+    /// with a sliding window.
+    #[test]
+    fn recomputed_probabilities_give_the_kept_gradients_to_the_bit() {
+        let (d, h, hkv, dh, b, t) = (16, 4, 2, 8, 2, QUERY_BLOCK * 2 + 37);
+        for window in [None, Some(50)] {
+            let mut rng = Rng::new(13);
+            let attn = Attention {
+                q_proj: dense(h * dh, d, &mut rng),
+                k_proj: dense(hkv * dh, d, &mut rng),
+                v_proj: dense(hkv * dh, d, &mut rng),
+                o_proj: dense(d, h * dh, &mut rng),
+                q_norm: None,
+                k_norm: None,
+                num_heads: h,
+                num_kv_heads: hkv,
+                head_dim: dh,
+                sliding_window: window,
+            };
+            let mut rope = Rope::new(dh, 10000.0, RopeScaling::Default);
+            rope.ensure(t);
+            let x: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+            let dy: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let run = |keep: bool| {
+                let (y, saved) = attn.forward_train(&x, b, t, &rope, &mut Rng::new(1), keep);
+                assert_eq!(matches!(saved.probs, Probs::Kept(_)), keep);
+                let (dx, g) = attn.backward(saved, &x, &dy, &rope);
+                let mut all = vec![bits(&y), bits(&dx)];
+                for l in [g.q_proj, g.k_proj, g.v_proj, g.o_proj] {
+                    all.push(bits(&l.d_weight.expect("dense weights train")));
+                }
+                all
+            };
+            assert_eq!(run(true), run(false), "window {window:?}");
+        }
     }
 }

@@ -69,6 +69,19 @@ pub struct BlockGrads {
     pub mlp: MlpGrads,
 }
 
+/// What [`Block::forward_train`] keeps for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Every activation backward reads, attention probabilities included (fastest).
+    All,
+    /// All but the attention probabilities, which backward recomputes from their softmax
+    /// statistics (one more `Q·Kᵀ` product for B·H·T² floats less).
+    AllButProbs,
+    /// Only the input and RNG (activation checkpointing): backward recomputes the block's
+    /// forward, keeping all but the attention probabilities.
+    Input,
+}
+
 impl Block {
     /// Inference, optionally extending a KV cache.
     pub fn forward(
@@ -92,6 +105,7 @@ impl Block {
         y
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_full(
         &self,
         x: Vec<f32>,
@@ -100,10 +114,13 @@ impl Block {
         rope: &Rope,
         rng: &mut Rng,
         need_output: bool,
+        keep_probs: bool,
     ) -> (Vec<f32>, FullSaved) {
         let n = b * t;
         let (a_in, n1) = self.input_layernorm.forward_train(&x);
-        let (a, attn) = self.self_attn.forward_train(&a_in, b, t, rope, rng);
+        let (a, attn) = self
+            .self_attn
+            .forward_train(&a_in, b, t, rope, rng, keep_probs);
         let mut h = a;
         ops::add_assign(&mut h, &x);
         let (m_in, n2) = self.post_attention_layernorm.forward_train(&h);
@@ -127,7 +144,7 @@ impl Block {
         )
     }
 
-    /// Training forward; with `checkpoint` only the input and RNG are kept.
+    /// Training forward, keeping what `keep` says.
     pub fn forward_train(
         &self,
         x: Vec<f32>,
@@ -135,11 +152,11 @@ impl Block {
         t: usize,
         rope: &Rope,
         rng: Rng,
-        checkpoint: bool,
+        keep: Keep,
     ) -> (Vec<f32>, BlockSaved) {
         let mut r = rng.clone();
-        let (y, full) = self.forward_full(x, b, t, rope, &mut r, true);
-        if checkpoint {
+        let (y, full) = self.forward_full(x, b, t, rope, &mut r, true, keep == Keep::All);
+        if keep == Keep::Input {
             (
                 y,
                 BlockSaved::Checkpointed {
@@ -159,7 +176,7 @@ impl Block {
         let full = match saved {
             BlockSaved::Full(f) => *f,
             BlockSaved::Checkpointed { x, mut rng, b, t } => {
-                self.forward_full(x, b, t, rope, &mut rng, false).1
+                self.forward_full(x, b, t, rope, &mut rng, false, false).1
             }
         };
         let FullSaved {

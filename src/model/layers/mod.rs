@@ -9,7 +9,7 @@ pub mod rms_norm;
 pub mod rope;
 
 pub use attention::{Attention, AttentionGrads, KvCache};
-pub use block::{Block, BlockGrads, BlockSaved};
+pub use block::{Block, BlockGrads, BlockSaved, Keep};
 pub use linear::{Linear, LinearGrads};
 pub use mlp::{Mlp, MlpGrads};
 pub use rms_norm::RmsNorm;
