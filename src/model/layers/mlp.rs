@@ -108,9 +108,12 @@ fn swiglu_scaled(g: Scaled<'_>, u: Scaled<'_>, f: usize) -> Vec<f32> {
                 .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
                 .for_each(|(h, (gv, uv))| {
                     for ((h, gv), uv) in h.chunks_mut(f).zip(gv.chunks(f)).zip(uv.chunks(f)) {
-                        for c in 0..f {
-                            let (gi, ui) = (gv[c] * g.k[c], uv[c] * u.k[c]);
-                            h[c].write(gi * ops::sigmoid(gi) * ui);
+                        // zipped, not indexed: no bounds checks, so the loop vectorizes
+                        let gs = gv.iter().zip(g.k);
+                        let us = uv.iter().zip(u.k);
+                        for (h, ((&gv, &gk), (&uv, &uk))) in h.iter_mut().zip(gs.zip(us)) {
+                            let (gi, ui) = (gv * gk, uv * uk);
+                            h.write(gi * ops::sigmoid(gi) * ui);
                         }
                     }
                 })
@@ -120,6 +123,7 @@ fn swiglu_scaled(g: Scaled<'_>, u: Scaled<'_>, f: usize) -> Vec<f32> {
 
 /// SwiGLU's backward from `dh`: `(dg, du)` with `dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))`,
 /// `du = dh ⊙ silu(g)`, `σ = sigmoid(g)`.
+#[inline(always)]
 fn swiglu_grads(gi: f32, ui: f32, dh: f32) -> (f32, f32) {
     let s = ops::sigmoid(gi);
     (dh * ui * s * (1.0 + gi * (1.0 - s)), dh * gi * s)
@@ -147,10 +151,13 @@ fn swiglu_grads_scaled(
                 .for_each(|((dg, du), (gv, uv))| {
                     let rows = dg.chunks_mut(f).zip(du.chunks_mut(f));
                     for ((dg, du), (gv, uv)) in rows.zip(gv.chunks(f).zip(uv.chunks(f))) {
-                        for c in 0..f {
-                            let (a, b) = swiglu_grads(gv[c] * g.k[c], uv[c] * u.k[c], dg[c]);
-                            dg[c] = a;
-                            du[c].write(b);
+                        let gs = gv.iter().zip(g.k);
+                        let us = uv.iter().zip(u.k);
+                        let out = dg.iter_mut().zip(du.iter_mut());
+                        for ((dg, du), ((&gv, &gk), (&uv, &uk))) in out.zip(gs.zip(us)) {
+                            let (a, b) = swiglu_grads(gv * gk, uv * uk, *dg);
+                            *dg = a;
+                            du.write(b);
                         }
                     }
                 })
@@ -232,8 +239,8 @@ impl Mlp {
                     .zip(du.par_chunks_mut(f * ROWS))
                     .zip(dh.par_chunks(f * ROWS))
                     .for_each(|((g, u), dh)| {
-                        for i in 0..g.len() {
-                            (g[i], u[i]) = swiglu_grads(g[i], u[i], dh[i]);
+                        for ((g, u), &dh) in g.iter_mut().zip(u.iter_mut()).zip(dh) {
+                            (*g, *u) = swiglu_grads(*g, *u, dh);
                         }
                     });
                 (dg, du)
