@@ -293,7 +293,15 @@ impl Llama {
         let hs = self.hidden_states(ids, b, t)?;
         let h = hs.last().map(|v| v.as_slice()).unwrap_or(&[]);
         let targets = loss::shift_labels(labels, b, t);
-        let r = loss::head_loss(h, self.head(), &targets, 1.0, false, false);
+        let r = loss::head_loss(
+            h,
+            self.head(),
+            &targets,
+            1.0,
+            false,
+            false,
+            loss::CHUNK_ROWS,
+        );
         Ok((r.loss_sum, r.count))
     }
 
@@ -354,6 +362,11 @@ impl Llama {
         rng.next_u64();
         let (h, norm_saved) = self.norm.forward_train(&x);
         let targets = loss::shift_labels(labels, b, t);
+        let chunk_rows = if opts.gradient_checkpointing && !self.train_lm_head {
+            loss::CHUNK_ROWS_LEAN
+        } else {
+            loss::CHUNK_ROWS
+        };
         let HeadLoss {
             loss_sum,
             count,
@@ -366,6 +379,7 @@ impl Llama {
             opts.grad_scale,
             true,
             self.train_lm_head,
+            chunk_rows,
         );
         drop(h);
         let mut grads: Grads = Vec::new();

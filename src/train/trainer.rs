@@ -17,7 +17,7 @@ use super::plot;
 use crate::adapter::{BaseWeight, DoraDropout, LoraConfig};
 use crate::model::adapters;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{load, BaseStorage, Grads, Llama, LoadOptions, StepOptions};
+use crate::model::{load, loss, BaseStorage, Grads, Llama, LoadOptions, StepOptions};
 use crate::ops::{self, Rng};
 use crate::quant::{QuantType, QuantizeOptions};
 
@@ -258,11 +258,16 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + mlp_kept + dora_z);
     let (block_full, block_lean) = (per_block + 4.0 * probs, per_block + 4.0 * stats);
     let layers = c.num_hidden_layers as f64;
-    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
-    let chunk = crate::model::loss::CHUNK_ROWS as f64;
-    let head = 4.0 * (chunk * c.vocab_size as f64 + 2.0 * n * d);
-    let full = block_full * layers + head;
-    let ckpt = 4.0 * n * d * layers + 2.0 * block_lean + head;
+    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time, fewer with
+    // checkpointing and a frozen head)
+    let head = |rows: usize| 4.0 * (rows as f64 * c.vocab_size as f64 + 2.0 * n * d);
+    let lean_rows = if cfg.mode == Mode::Full {
+        loss::CHUNK_ROWS
+    } else {
+        loss::CHUNK_ROWS_LEAN
+    };
+    let full = block_full * layers + head(loss::CHUNK_ROWS);
+    let ckpt = 4.0 * n * d * layers + 2.0 * block_lean + head(lean_rows);
     (mib(weights), mib(states), mib(ckpt), mib(full))
 }
 
