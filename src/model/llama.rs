@@ -362,11 +362,6 @@ impl Llama {
         rng.next_u64();
         let (h, norm_saved) = self.norm.forward_train(&x);
         let targets = loss::shift_labels(labels, b, t);
-        let chunk_rows = if opts.gradient_checkpointing && !self.train_lm_head {
-            loss::CHUNK_ROWS_LEAN
-        } else {
-            loss::CHUNK_ROWS
-        };
         let HeadLoss {
             loss_sum,
             count,
@@ -379,7 +374,7 @@ impl Llama {
             opts.grad_scale,
             true,
             self.train_lm_head,
-            chunk_rows,
+            loss::CHUNK_ROWS,
         );
         drop(h);
         let mut grads: Grads = Vec::new();

@@ -1,5 +1,5 @@
 //! The LM head with causal-LM cross-entropy, chunked: logits are formed for at most
-//! [`CHUNK_ROWS`] (or [`CHUNK_ROWS_LEAN`]) positions at a time and only for positions that carry a label, so the
+//! [`CHUNK_ROWS`] positions at a time and only for positions that carry a label, so the
 //! `(N, V)` logits matrix never exists during training.
 //!
 //! Loss as transformers computes it: position `i` predicts `labels[i + 1]` of the same sequence,
@@ -15,12 +15,6 @@ use crate::ops;
 pub const IGNORE_INDEX: i64 = -100;
 /// Positions per logits chunk.
 pub const CHUNK_ROWS: usize = 256;
-/// Positions per logits chunk with activation checkpointing and a frozen head: the chunk's
-/// logits coexist with the last block's activations at the step's memory peak, so it is halved
-/// there (10–15 MiB less for a 32000-token vocabulary, measured). The loss and `d_hidden` do
-/// not depend on the chunk size (tested); a trained head's weight gradient would be summed
-/// in other groups, so it keeps [`CHUNK_ROWS`].
-pub const CHUNK_ROWS_LEAN: usize = 128;
 
 /// Targets per position after the causal shift: `target[b·T + i] = labels[b·T + i + 1]`, the last
 /// position of each sequence ignored.
@@ -167,7 +161,7 @@ mod tests {
     }
 
     /// Chunks split rows only: the loss and `d_hidden` are the same to the bit for any chunk
-    /// size (checkpointing uses smaller chunks and must change nothing).
+    /// size.
     #[test]
     fn chunk_size_changes_nothing() {
         let (n, d, v) = (7, 5, 11);

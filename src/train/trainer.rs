@@ -258,16 +258,10 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + mlp_kept + dora_z);
     let (block_full, block_lean) = (per_block + 4.0 * probs, per_block + 4.0 * stats);
     let layers = c.num_hidden_layers as f64;
-    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time, fewer with
-    // checkpointing and a frozen head)
-    let head = |rows: usize| 4.0 * (rows as f64 * c.vocab_size as f64 + 2.0 * n * d);
-    let lean_rows = if cfg.mode == Mode::Full {
-        loss::CHUNK_ROWS
-    } else {
-        loss::CHUNK_ROWS_LEAN
-    };
-    let full = block_full * layers + head(loss::CHUNK_ROWS);
-    let ckpt = 4.0 * n * d * layers + 2.0 * block_lean + head(lean_rows);
+    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
+    let head = 4.0 * (loss::CHUNK_ROWS as f64 * c.vocab_size as f64 + 2.0 * n * d);
+    let full = block_full * layers + head;
+    let ckpt = 4.0 * n * d * layers + 2.0 * block_lean + head;
     (mib(weights), mib(states), mib(ckpt), mib(full))
 }
 
