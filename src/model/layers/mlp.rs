@@ -94,8 +94,9 @@ fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
 /// Rows of width F per parallel work item in the passes over scaled activations.
 const ROWS: usize = 16;
 
-/// `h = silu(g) ⊙ u` with `g`, `u` given as scaled values (backward's recomputation): the
-/// same numbers as [`swiglu`] on the rebuilt activations.
+/// `h = silu(g) ⊙ u` with `g`, `u` given as scaled values (kept activations, or DoRA's
+/// factors in the training forward and backward's recomputation): the same numbers as
+/// [`swiglu`] on the rebuilt activations.
 fn swiglu_scaled(g: Scaled<'_>, u: Scaled<'_>, f: usize) -> Vec<f32> {
     assert!(
         g.v.len() == u.v.len() && g.k.len() == f && u.k.len() == f,
