@@ -293,15 +293,7 @@ impl Llama {
         let hs = self.hidden_states(ids, b, t)?;
         let h = hs.last().map(|v| v.as_slice()).unwrap_or(&[]);
         let targets = loss::shift_labels(labels, b, t);
-        let r = loss::head_loss(
-            h,
-            self.head(),
-            &targets,
-            1.0,
-            false,
-            false,
-            loss::CHUNK_ROWS,
-        );
+        let r = loss::head_loss(h, self.head(), &targets, 1.0, false, false);
         Ok((r.loss_sum, r.count))
     }
 
@@ -374,7 +366,6 @@ impl Llama {
             opts.grad_scale,
             true,
             self.train_lm_head,
-            loss::CHUNK_ROWS,
         );
         drop(h);
         let mut grads: Grads = Vec::new();

@@ -41,11 +41,24 @@ pub struct HeadLoss {
 }
 
 /// Cross-entropy of `head(h)` against `targets` (already shifted), with gradients scaled by
-/// `grad_scale` when `backward` is set; logits for `chunk_rows` positions at a time.
+/// `grad_scale` when `backward` is set.
 ///
 /// # Panics
 /// If a target is outside the vocabulary (validated earlier by the model).
 pub fn head_loss(
+    h: &[f32],
+    head: &BaseWeight,
+    targets: &[i64],
+    grad_scale: f32,
+    backward: bool,
+    weight_grad: bool,
+) -> HeadLoss {
+    let chunks = CHUNK_ROWS;
+    head_loss_in_chunks(h, head, targets, grad_scale, backward, weight_grad, chunks)
+}
+
+/// [`head_loss`] with logits for `chunk_rows` positions at a time (the tests vary it).
+fn head_loss_in_chunks(
     h: &[f32],
     head: &BaseWeight,
     targets: &[i64],
@@ -121,23 +134,29 @@ mod tests {
     use super::*;
     use crate::ops::Rng;
 
+    /// A random dense (v × d) head and (n × d) input.
+    fn head_and_input(n: usize, d: usize, v: usize, seed: u64) -> (BaseWeight, Vec<f32>) {
+        let mut rng = Rng::new(seed);
+        let w: Vec<f32> = (0..v * d).map(|_| rng.normal()).collect();
+        let h: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        (BaseWeight::Dense { w, out: v, inp: d }, h)
+    }
+
     #[test]
     fn gradient_matches_finite_differences() {
         let (n, d, v) = (4, 3, 5);
-        let mut rng = Rng::new(2);
-        let w: Vec<f32> = (0..v * d).map(|_| rng.normal()).collect();
-        let head = BaseWeight::Dense { w, out: v, inp: d };
-        let h: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        let (head, h) = head_and_input(n, d, v, 2);
         let targets = vec![1, IGNORE_INDEX, 4, 0];
-        let r = head_loss(&h, &head, &targets, 1.0, true, true, 2);
+        // chunks of 2 rows: the head's weight gradient is written, then added to
+        let r = head_loss_in_chunks(&h, &head, &targets, 1.0, true, true, 2);
         assert_eq!(r.count, 3);
         let eps = 1e-2;
         for i in 0..h.len() {
             let mut p = h.clone();
             p[i] += eps;
-            let lp = head_loss(&p, &head, &targets, 1.0, false, false, CHUNK_ROWS).loss_sum;
+            let lp = head_loss(&p, &head, &targets, 1.0, false, false).loss_sum;
             p[i] -= 2.0 * eps;
-            let lm = head_loss(&p, &head, &targets, 1.0, false, false, CHUNK_ROWS).loss_sum;
+            let lm = head_loss(&p, &head, &targets, 1.0, false, false).loss_sum;
             let num = (lp - lm) / (2.0 * eps as f64);
             assert!(
                 (num - r.d_hidden[i] as f64).abs() < 1e-2,
@@ -151,11 +170,11 @@ mod tests {
             if let BaseWeight::Dense { w, .. } = &mut hw {
                 w[i] += eps;
             }
-            let lp = head_loss(&h, &hw, &targets, 1.0, false, false, CHUNK_ROWS).loss_sum;
+            let lp = head_loss(&h, &hw, &targets, 1.0, false, false).loss_sum;
             if let BaseWeight::Dense { w, .. } = &mut hw {
                 w[i] -= 2.0 * eps;
             }
-            let lm = head_loss(&h, &hw, &targets, 1.0, false, false, CHUNK_ROWS).loss_sum;
+            let lm = head_loss(&h, &hw, &targets, 1.0, false, false).loss_sum;
             assert!(((lp - lm) / (2.0 * eps as f64) - dw[i] as f64).abs() < 1e-2);
         }
     }
@@ -165,14 +184,11 @@ mod tests {
     #[test]
     fn chunk_size_changes_nothing() {
         let (n, d, v) = (7, 5, 11);
-        let mut rng = Rng::new(4);
-        let w: Vec<f32> = (0..v * d).map(|_| rng.normal()).collect();
-        let head = BaseWeight::Dense { w, out: v, inp: d };
-        let h: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+        let (head, h) = head_and_input(n, d, v, 4);
         let targets = vec![1, 3, IGNORE_INDEX, 10, 0, 2, 9];
-        let whole = head_loss(&h, &head, &targets, 0.5, true, false, CHUNK_ROWS);
+        let whole = head_loss(&h, &head, &targets, 0.5, true, false);
         for rows in [1, 2, 4] {
-            let r = head_loss(&h, &head, &targets, 0.5, true, false, rows);
+            let r = head_loss_in_chunks(&h, &head, &targets, 0.5, true, false, rows);
             assert_eq!(
                 r.loss_sum.to_bits(),
                 whole.loss_sum.to_bits(),
