@@ -239,8 +239,8 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let (d, f) = (c.hidden_size as f64, c.intermediate_size as f64);
     let q = (c.num_attention_heads * c.head_dim) as f64;
     let kv = (c.num_key_value_heads * c.head_dim) as f64;
-    // attention keeps its probabilities, or with checkpointing two softmax statistics per
-    // probability row
+    // attention keeps its probabilities; with checkpointing the last block keeps two softmax
+    // statistics per probability row instead, and a recomputed block its probabilities
     let rows = (cfg.batch_size * c.num_attention_heads * cfg.seq_len) as f64;
     let (probs, stats) = (rows * cfg.seq_len as f64, rows * 2.0);
     // DoRA keeps each adapted layer's pre-scale output `z` for the magnitude's gradient
@@ -261,7 +261,7 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
     let head = 4.0 * (loss::CHUNK_ROWS as f64 * c.vocab_size as f64 + 2.0 * n * d);
     let full = block_full * layers + head;
-    let ckpt = 4.0 * n * d * layers + 2.0 * block_lean + head;
+    let ckpt = 4.0 * n * d * layers + block_lean + block_full + head;
     (mib(weights), mib(states), mib(ckpt), mib(full))
 }
 

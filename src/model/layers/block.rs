@@ -78,7 +78,8 @@ pub enum Keep {
     /// statistics (one more `Q·Kᵀ` product for B·H·T² floats less).
     AllButProbs,
     /// Only the input and RNG (activation checkpointing): backward recomputes the block's
-    /// forward, keeping all but the attention probabilities.
+    /// forward, attention probabilities included (one block's at a time, each used at once, so
+    /// they never coexist with another block's activations).
     Input,
 }
 
@@ -176,7 +177,7 @@ impl Block {
         let full = match saved {
             BlockSaved::Full(f) => *f,
             BlockSaved::Checkpointed { x, mut rng, b, t } => {
-                self.forward_full(x, b, t, rope, &mut rng, false, false).1
+                self.forward_full(x, b, t, rope, &mut rng, false, true).1
             }
         };
         let FullSaved {
