@@ -354,10 +354,10 @@ impl LoraAdapter {
                         .zip(zr.chunks_mut(out))
                         .zip(vr.chunks(out))
                     {
-                        for o in 0..out {
-                            let bt = z[o];
-                            y[o] += (k[o] - 1.0) * bt + k[o] * v[o];
-                            z[o] = bt + v[o];
+                        for ((y, z), (&v, &k)) in y.iter_mut().zip(z).zip(v.iter().zip(&k)) {
+                            let bt = *z;
+                            *y += (k - 1.0) * bt + k * v;
+                            *z = bt + v;
                         }
                     }
                 });
@@ -492,9 +492,10 @@ fn dora_output_grads(
         .map(|(zr, dr)| {
             let mut acc = vec![0f32; out];
             for (z, dy) in zr.chunks_mut(out).zip(dr.chunks(out)) {
-                for o in 0..out {
-                    acc[o] += dy[o] * z[o];
-                    z[o] = k[o] * dy[o];
+                // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
+                for ((a, z), (&dy, &k)) in acc.iter_mut().zip(z).zip(dy.iter().zip(&k)) {
+                    *a += dy * *z;
+                    *z = k * dy;
                 }
             }
             acc
@@ -524,8 +525,8 @@ fn scale_columns(x: &[f32], width: usize, c: &[f32]) -> Vec<f32> {
                 .zip(x.par_chunks(width * ROWS))
                 .for_each(|(yr, xr)| {
                     for (y, x) in yr.chunks_mut(width).zip(xr.chunks(width)) {
-                        for o in 0..width {
-                            y[o].write(c[o] * x[o]);
+                        for (y, (&x, &c)) in y.iter_mut().zip(x.iter().zip(c)) {
+                            y.write(c * x);
                         }
                     }
                 })

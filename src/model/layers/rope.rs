@@ -92,11 +92,11 @@ impl Rope {
             let s = &self.sin[p * half..(p + 1) * half];
             for h in row.chunks_mut(dh) {
                 let (a, b) = h.split_at_mut(half);
-                for j in 0..half {
-                    let (x1, x2) = (a[j], b[j]);
-                    let sn = sign * s[j];
-                    a[j] = x1 * c[j] - x2 * sn;
-                    b[j] = x2 * c[j] + x1 * sn;
+                for ((a, b), (&c, &s)) in a.iter_mut().zip(b).zip(c.iter().zip(s)) {
+                    let (x1, x2) = (*a, *b);
+                    let sn = sign * s;
+                    *a = x1 * c - x2 * sn;
+                    *b = x2 * c + x1 * sn;
                 }
             }
         }
