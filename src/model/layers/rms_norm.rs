@@ -4,6 +4,13 @@
 //! Backward: with `g = dy ⊙ w`, `dx = rstd · (g − x · rstd² · mean(g ⊙ x))`,
 //! `dw = Σ_rows dy ⊙ x · rstd`. Shapes: x, y (N, D); w (D); rstd (N).
 
+use rayon::prelude::*;
+
+use crate::ops;
+
+/// Rows per parallel task.
+const ROWS: usize = 16;
+
 /// Root-mean-square normalisation with a learned scale.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -31,7 +38,7 @@ impl RmsNorm {
     }
 
     fn rstd(&self, row: &[f32]) -> f32 {
-        let ms = crate::ops::dot(row, row) / row.len() as f32;
+        let ms = ops::dot(row, row) / row.len() as f32;
         1.0 / (ms + self.eps).sqrt()
     }
 
@@ -40,22 +47,27 @@ impl RmsNorm {
         self.forward_train(x).0
     }
 
-    /// Training forward: output and saved `rstd`.
+    /// Training forward: output and saved `rstd`. Rows run in parallel.
     pub fn forward_train(&self, x: &[f32]) -> (Vec<f32>, RmsNormSaved) {
         let d = self.weight.len();
         let mut y = vec![0f32; x.len()];
-        let mut rstd = Vec::with_capacity(x.len() / d);
-        for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
-            let r = self.rstd(xr);
-            rstd.push(r);
-            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.weight) {
-                *o = w * (v * r);
-            }
-        }
+        let mut rstd = vec![0f32; x.len() / d];
+        y.par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS))
+            .zip(rstd.par_chunks_mut(ROWS))
+            .for_each(|((yb, xb), rb)| {
+                for ((yr, xr), r) in yb.chunks_mut(d).zip(xb.chunks(d)).zip(rb) {
+                    *r = self.rstd(xr);
+                    for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.weight) {
+                        *o = w * (v * *r);
+                    }
+                }
+            });
         (y, RmsNormSaved { rstd })
     }
 
-    /// Backward: `dx` and `dw` (when the weight trains).
+    /// Backward: `dx` and `dw` (when the weight trains). Rows run in parallel; `dw` is summed
+    /// from per-block partials in block order, so it does not depend on thread scheduling.
     pub fn backward(
         &self,
         saved: RmsNormSaved,
@@ -64,27 +76,45 @@ impl RmsNorm {
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let d = self.weight.len();
         let mut dx = vec![0f32; x.len()];
-        let mut dw = self.train.then(|| vec![0f32; d]);
-        for (((xr, gr), dxr), &r) in x
-            .chunks(d)
-            .zip(dy.chunks(d))
-            .zip(dx.chunks_mut(d))
-            .zip(&saved.rstd)
-        {
-            let mut dot = 0f32;
-            for ((&xv, &gv), &w) in xr.iter().zip(gr).zip(&self.weight) {
-                dot += gv * w * xv;
-            }
-            let c = dot / d as f32 * r * r;
-            for (((o, &xv), &gv), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(&self.weight) {
-                *o = r * (gv * w - xv * c);
-            }
-            if let Some(dw) = &mut dw {
-                for ((g, &xv), &gv) in dw.iter_mut().zip(xr).zip(gr) {
-                    *g += gv * xv * r;
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS))
+            .zip(dy.par_chunks(d * ROWS))
+            .zip(saved.rstd.par_chunks(ROWS))
+            .map(|(((dxb, xb), gb), rb)| {
+                let mut dw = if self.train {
+                    vec![0f32; d]
+                } else {
+                    Vec::new()
+                };
+                for (((dxr, xr), gr), &r) in dxb
+                    .chunks_mut(d)
+                    .zip(xb.chunks(d))
+                    .zip(gb.chunks(d))
+                    .zip(rb)
+                {
+                    // g = dy ⊙ w, held in dx's row until dx overwrites it
+                    for ((o, &gv), &w) in dxr.iter_mut().zip(gr).zip(&self.weight) {
+                        *o = gv * w;
+                    }
+                    let c = ops::dot(dxr, xr) / d as f32 * r * r;
+                    for (o, &xv) in dxr.iter_mut().zip(xr) {
+                        *o = r * (*o - xv * c);
+                    }
+                    for ((g, &xv), &gv) in dw.iter_mut().zip(xr).zip(gr) {
+                        *g += gv * xv * r;
+                    }
                 }
+                dw
+            })
+            .collect();
+        let dw = self.train.then(|| {
+            let mut dw = vec![0f32; d];
+            for p in &partials {
+                ops::add_assign(&mut dw, p);
             }
-        }
+            dw
+        });
         (dx, dw)
     }
 }
@@ -100,8 +130,9 @@ mod tests {
         let d = 8;
         let mut n = RmsNorm::new((0..d).map(|_| 1.0 + 0.3 * rng.normal()).collect(), 1e-5);
         n.train = true;
-        let x: Vec<f32> = (0..3 * d).map(|_| rng.normal()).collect();
-        let c: Vec<f32> = (0..3 * d).map(|_| rng.normal()).collect();
+        // 37 rows: three parallel blocks, so dw sums partials
+        let x: Vec<f32> = (0..37 * d).map(|_| rng.normal()).collect();
+        let c: Vec<f32> = (0..37 * d).map(|_| rng.normal()).collect();
         let loss = |n: &RmsNorm, x: &[f32]| -> f64 {
             n.forward(x)
                 .iter()
