@@ -141,7 +141,8 @@ impl BaseWeight {
 
 /// `W · Aᵀ (out × r)` for a dense `W (out × in)`: each row of W is read once from memory and
 /// dotted with eight rows of `A` at a time (A stays in cache), rows in parallel. A gemm call
-/// here (r = 8 columns) re-packed all of W and ran at ≈ 3.3 GB/s of W.
+/// here (r = 8 columns) re-packed all of W: ≈ 3.3 GB/s of W with gemm's AVX-512 kernels,
+/// 9–12 GB/s with its AVX2 ones, against 15–26 GB/s for this pass (in = 1024).
 fn dense_times_at(w: &[f32], out: usize, inp: usize, a: &[f32], r: usize) -> Vec<f32> {
     use rayon::prelude::*;
     assert!(w.len() == out * inp && a.len() == r * inp, "W·Aᵀ shapes");
