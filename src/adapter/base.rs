@@ -3,7 +3,8 @@
 
 use std::borrow::Cow;
 
-use crate::ops::{self, lanes::F8};
+use super::lowrank;
+use crate::ops;
 use crate::quant::QuantizedWeight;
 
 /// A Linear layer's weight `W (out × in)`, frozen for adapter training.
@@ -114,7 +115,10 @@ impl BaseWeight {
     /// `W · Aᵀ (out × r)` for `A (r × in)`: used for the DoRA norm without forming `W + sBA`.
     pub fn times_at(&self, a: &[f32], r: usize) -> Vec<f32> {
         match self {
-            BaseWeight::Dense { w, out, inp } => dense_times_at(w, *out, *inp, a, r),
+            // each row of W read once, dotted with A's rows held in cache (the LoRA forward's
+            // `x·Aᵀ` kernel, without dropout); a gemm call with r = 8 columns re-packed all of
+            // W: ≈ 3.3 GB/s of W with gemm's AVX-512 kernels, 9–12 GB/s with its AVX2 ones
+            BaseWeight::Dense { w, out, inp } => lowrank::xd_at(w, *out, *inp, a, r, None),
             // (A · Wᵀ)ᵀ: A·Wᵀ (r × out) with the 4-bit forward kernel, then transposed (small).
             BaseWeight::Quant(_) => transpose(&self.forward(a, r), r, self.out_features()),
         }
@@ -139,62 +143,6 @@ impl BaseWeight {
     }
 }
 
-/// `W · Aᵀ (out × r)` for a dense `W (out × in)`: each row of W is read once from memory and
-/// dotted with eight rows of `A` at a time (A stays in cache), rows in parallel. A gemm call
-/// here (r = 8 columns) re-packed all of W: ≈ 3.3 GB/s of W with gemm's AVX-512 kernels,
-/// 9–12 GB/s with its AVX2 ones, against 15–26 GB/s for this pass (in = 1024).
-fn dense_times_at(w: &[f32], out: usize, inp: usize, a: &[f32], r: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    assert!(w.len() == out * inp && a.len() == r * inp, "W·Aᵀ shapes");
-    let mut t = vec![0f32; out * r];
-    if r == 0 || inp == 0 {
-        return t;
-    }
-    // A padded to whole groups of eight rows (zeros), so the inner kernel has no remainder
-    let groups = r.div_ceil(8);
-    let mut ap = vec![0f32; groups * 8 * inp];
-    ap[..r * inp].copy_from_slice(a);
-    t.par_chunks_mut(16 * r)
-        .zip(w.par_chunks(16 * inp))
-        .for_each(|(tb, wb)| {
-            for (tr, wr) in tb.chunks_mut(r).zip(wb.chunks(inp)) {
-                for g in 0..groups {
-                    let dots = dot_rows8(wr, &ap[g * 8 * inp..(g + 1) * 8 * inp]);
-                    let k0 = g * 8;
-                    let kn = (r - k0).min(8);
-                    tr[k0..k0 + kn].copy_from_slice(&dots[..kn]);
-                }
-            }
-        });
-    t
-}
-
-/// The dot products of `w (in)` with each of the eight rows of `a (8 × in)`.
-#[inline(always)]
-fn dot_rows8(w: &[f32], a: &[f32]) -> [f32; 8] {
-    let inp = w.len();
-    assert_eq!(a.len(), 8 * inp, "eight rows of A");
-    let whole = inp / 8 * 8;
-    let mut acc = [F8::zero(); 8];
-    for i0 in (0..whole).step_by(8) {
-        // SAFETY: i0 + 8 ≤ whole ≤ inp, so w[i0..i0 + 8] and a[k·inp + i0..+ 8] are in bounds.
-        unsafe {
-            let wv = F8::load_ptr(w.as_ptr().add(i0));
-            for (k, acc) in acc.iter_mut().enumerate() {
-                *acc = acc.fma(wv, F8::load_ptr(a.as_ptr().add(k * inp + i0)));
-            }
-        }
-    }
-    if whole < inp {
-        let len = inp - whole;
-        let wv = F8::load_partial(&w[whole..], len);
-        for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = acc.fma(wv, F8::load_partial(&a[k * inp + whole..], len));
-        }
-    }
-    acc.map(F8::sum)
-}
-
 /// `(r × out)` → `(out × r)`.
 fn transpose(awt: &[f32], r: usize, out: usize) -> Vec<f32> {
     let mut t = vec![0f32; out * r];
@@ -211,10 +159,10 @@ mod tests {
     use super::*;
     use crate::ops::Rng;
 
-    /// The dense `W·Aᵀ` kernel against a plain f64 sum, over ranks that leave a partial group
-    /// of eight rows of A and widths that leave a partial group of eight columns.
+    /// `times_at` on a dense weight against a plain f64 sum, over ranks that leave a partial
+    /// group of eight rows of A and widths that leave a partial group of eight columns.
     #[test]
-    fn dense_times_at_matches_naive() {
+    fn dense_weight_times_at_matches_naive() {
         let mut rng = Rng::new(3);
         for (out, inp, r) in [(37, 20, 3), (16, 64, 8), (33, 131, 13), (5, 7, 16)] {
             let w: Vec<f32> = (0..out * inp).map(|_| rng.normal()).collect();
