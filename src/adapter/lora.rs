@@ -414,6 +414,33 @@ impl LoraAdapter {
         dy: &[f32],
         n: usize,
     ) -> (Vec<f32>, LoraGrads) {
+        let (dx, grads) = self.backward_with(saved, base, x, dy, n, true);
+        (dx.expect("the input gradient was asked for"), grads)
+    }
+
+    /// The adapter's gradients alone, the same numbers [`backward`](Self::backward) gives, for
+    /// a layer whose input gradient nobody reads (the first decoder layer's projections when
+    /// the embedding is frozen): the base products `dy·W` are skipped.
+    pub fn param_grads(
+        &self,
+        saved: LoraSaved,
+        base: &BaseWeight,
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+    ) -> LoraGrads {
+        self.backward_with(saved, base, x, dy, n, false).1
+    }
+
+    fn backward_with(
+        &self,
+        saved: LoraSaved,
+        base: &BaseWeight,
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+        want_dx: bool,
+    ) -> (Option<Vec<f32>>, LoraGrads) {
         let (inp, out, r, s) = (self.in_features, self.out_features, self.r, self.scaling);
         let LoraSaved { dropout, u, dora } = saved;
         // g: the output gradient of the low-rank path before `s` (k⊙dy for DoRA, dy for LoRA).
@@ -435,12 +462,15 @@ impl LoraAdapter {
         } else {
             dy
         };
-        let mut dx = base.backward_input(base_dy, n);
+        let mut dx = want_dx.then(|| base.backward_input(base_dy, n));
         // dB = s·gᵀ·u, du = s·g·B.
         let (d_lora_b, du) = lowrank::grad_b_and_du(g, n, out, &u, &self.lora_b, r, s);
         drop(kdy);
         // dA = duᵀ·x_d;  dx += dropoutᵀ(du·A [+ ((k−1)⊙dy)·W]).
-        let extra = km1dy.as_ref().map(|g1| base.backward_input(g1, n));
+        let extra = km1dy
+            .as_ref()
+            .filter(|_| want_dx)
+            .map(|g1| base.backward_input(g1, n));
         let d_lora_a = lowrank::grad_a_and_dx(
             &du,
             n,
@@ -450,7 +480,7 @@ impl LoraAdapter {
             inp,
             extra.as_deref(),
             dropout.as_ref(),
-            &mut dx,
+            dx.as_deref_mut(),
         );
         (
             dx,

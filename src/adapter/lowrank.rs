@@ -213,9 +213,10 @@ fn rows_b_du<const M: usize>(
     }
 }
 
-/// `dA (r × inp) = duᵀ · x_d` and `dx (n × inp) += dropoutᵀ(du · A + extra)` for `du (n × r)`,
-/// `x (n × inp)`, `A (r × inp)` and an optional `extra (n × inp)` that shares the dropout
-/// (DoRA's dropped-out base path): one pass over `x`, `dx` (and `extra`).
+/// `dA (r × inp) = duᵀ · x_d` and, when `dx` is given, `dx (n × inp) += dropoutᵀ(du · A + extra)`
+/// for `du (n × r)`, `x (n × inp)`, `A (r × inp)` and an optional `extra (n × inp)` that shares
+/// the dropout (DoRA's dropped-out base path): one pass over `x`, `dx` (and `extra`). Without
+/// `dx` (nobody reads the layer's input gradient) only `dA` is formed.
 #[allow(clippy::too_many_arguments)]
 pub fn grad_a_and_dx(
     du: &[f32],
@@ -226,20 +227,28 @@ pub fn grad_a_and_dx(
     inp: usize,
     extra: Option<&[f32]>,
     drop: Option<&Dropout>,
-    dx: &mut [f32],
+    dx: Option<&mut [f32]>,
 ) -> Vec<f32> {
-    assert_eq!(dx.len(), n * inp, "dx shape");
+    assert!(dx.as_ref().is_none_or(|d| d.len() == n * inp), "dx shape");
     assert!(x.len() >= n * inp, "x shape");
     assert!(extra.is_none_or(|e| e.len() >= n * inp), "extra shape");
     let r8 = r.div_ceil(L) * L;
     let (du, a) = (pad_cols(du, n, r, r8), pad_rows(a, r, r8, inp));
     let mask = drop.map(Dropout::lane_mask);
-    let parts: Vec<Vec<f32>> = dx
-        .par_chunks_mut(ROWS * inp.max(1))
+    let row_len = ROWS * inp.max(1);
+    // One work item per fixed block of rows, with that block of `dx` when there is one.
+    let blocks: Vec<(usize, Option<&mut [f32]>)> = match dx {
+        Some(dx) => dx.chunks_mut(row_len).map(|b| (b.len(), Some(b))).collect(),
+        None => (0..n.div_ceil(ROWS))
+            .map(|blk| ((n - blk * ROWS).min(ROWS) * inp, None))
+            .collect(),
+    };
+    let parts: Vec<Vec<f32>> = blocks
+        .into_par_iter()
         .enumerate()
-        .map(|(blk, dxb)| {
+        .map(|(blk, (len, mut dxb))| {
             let i0 = blk * ROWS;
-            let rows = dxb.len() / inp.max(1);
+            let rows = len / inp.max(1);
             let mut da = vec![0f32; r8 * inp];
             for c in (0..inp).step_by(L) {
                 let w = (inp - c).min(L);
@@ -253,6 +262,13 @@ pub fn grad_a_and_dx(
                         let d: &[f32; L] = du[i * r8 + j0..i * r8 + j0 + L]
                             .try_into()
                             .expect("8 ranks");
+                        let Some(dxb) = dxb.as_deref_mut() else {
+                            let xd = F8::load_partial(&x[i * inp + c..], w) * f;
+                            for j in 0..L {
+                                acc[j] = acc[j].fma(F8::splat(d[j]), xd);
+                            }
+                            continue;
+                        };
                         if w == L {
                             // SAFETY: c + 8 ≤ inp, so row i of `x` / `extra` and row k of
                             // `dxb` (each `inp` long, asserted above) hold the strip.
@@ -306,6 +322,8 @@ mod tests {
         for r in [3, 8, 11] {
             fused_products_for(70, 45, r);
         }
+        // three row blocks, the last one partial
+        fused_products_for(2 * ROWS + 44, 45, 8);
     }
 
     #[test]
@@ -348,10 +366,13 @@ mod tests {
             ops::matmul_tn_into(&du, r, &xd, inp, n, &mut want_da, false);
             for ex in [None, Some(&extra[..])] {
                 let mut dx = vec![1f32; n * inp];
-                let da = grad_a_and_dx(&du, n, r, &x, &a, inp, ex, drop.as_ref(), &mut dx);
+                let da = grad_a_and_dx(&du, n, r, &x, &a, inp, ex, drop.as_ref(), Some(&mut dx));
                 for (p, q) in da.iter().zip(&want_da) {
                     assert!((p - q).abs() < 1e-4, "dA {p} vs {q}");
                 }
+                // without dx: the same dA, to the bit (same strips, same order)
+                let da_only = grad_a_and_dx(&du, n, r, &x, &a, inp, ex, drop.as_ref(), None);
+                assert_eq!(da_only, da, "dA without dx");
                 let mut t = ex.map_or(vec![0f32; n * inp], |e| e.to_vec());
                 // t += du·A
                 ops::gemm(

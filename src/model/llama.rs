@@ -375,8 +375,12 @@ impl Llama {
             grads.push(("model.norm.weight".into(), w));
         }
         for (i, (layer, s)) in self.layers.iter().zip(saved).enumerate().rev() {
-            let (d, g) = layer.backward(s, &dx, &self.rope);
-            dx = d;
+            // The first layer's input gradient feeds only the embedding's: with the embedding
+            // frozen nobody reads it, and its projections' dy·W products are skipped (as
+            // autograd skips them for an input that does not require grad).
+            let need_dx = i > 0 || self.train_embed_tokens;
+            let (d, g) = layer.backward(s, &dx, &self.rope, need_dx);
+            dx = d.unwrap_or_default();
             collect_block(&mut grads, i, g);
         }
         let tied = self.lm_head.is_none();

@@ -405,14 +405,17 @@ impl Attention {
         )
     }
 
-    /// Backward: `dx` (N, D) and gradients. `x` is the input given to `forward_train`.
+    /// Backward: `dx` (N, D) and gradients. `x` is the input given to `forward_train`. Without
+    /// `need_dx` the input gradient is `None` and the projections' `dy·W` products behind it
+    /// are skipped.
     pub fn backward(
         &self,
         saved: AttentionSaved,
         x: &[f32],
         dy: &[f32],
         rope: &Rope,
-    ) -> (Vec<f32>, AttentionGrads) {
+        need_dx: bool,
+    ) -> (Option<Vec<f32>>, AttentionGrads) {
         let AttentionSaved {
             q_lin,
             k_lin,
@@ -556,6 +559,12 @@ impl Attention {
             grads.q_norm = ga;
             grads.k_norm = gc;
         }
+        if !need_dx {
+            grads.q_proj = self.q_proj.param_grads(q_lin, x, &dq, n);
+            grads.k_proj = self.k_proj.param_grads(k_lin, x, &dk, n);
+            grads.v_proj = self.v_proj.param_grads(v_lin, x, &dv, n);
+            return (None, grads);
+        }
         let (mut dx, gq) = self.q_proj.backward(q_lin, x, &dq, n);
         let (dxk, gk) = self.k_proj.backward(k_lin, x, &dk, n);
         let (dxv, gv) = self.v_proj.backward(v_lin, x, &dv, n);
@@ -564,7 +573,7 @@ impl Attention {
         grads.q_proj = gq;
         grads.k_proj = gk;
         grads.v_proj = gv;
-        (dx, grads)
+        (Some(dx), grads)
     }
 }
 
@@ -609,8 +618,8 @@ mod tests {
             let run = |keep: bool| {
                 let (y, saved) = attn.forward_train(&x, b, t, &rope, &mut Rng::new(1), keep);
                 assert_eq!(matches!(saved.probs, Probs::Kept(_)), keep);
-                let (dx, g) = attn.backward(saved, &x, &dy, &rope);
-                let mut all = vec![bits(&y), bits(&dx)];
+                let (dx, g) = attn.backward(saved, &x, &dy, &rope, true);
+                let mut all = vec![bits(&y), bits(&dx.expect("dx asked for"))];
                 for l in [g.q_proj, g.k_proj, g.v_proj, g.o_proj] {
                     all.push(bits(&l.d_weight.expect("dense weights train")));
                 }

@@ -172,8 +172,17 @@ impl Block {
         }
     }
 
-    /// Backward: `dx` and gradients (recomputing the forward first when checkpointed).
-    pub fn backward(&self, saved: BlockSaved, dy: &[f32], rope: &Rope) -> (Vec<f32>, BlockGrads) {
+    /// Backward: `dx` and gradients (recomputing the forward first when checkpointed). Without
+    /// `need_dx` (the first layer under a frozen embedding) `dx` is `None` and the attention
+    /// projections' `dy·W` products behind it are skipped, unless `input_layernorm` trains and
+    /// needs them for its own gradient.
+    pub fn backward(
+        &self,
+        saved: BlockSaved,
+        dy: &[f32],
+        rope: &Rope,
+        need_dx: bool,
+    ) -> (Option<Vec<f32>>, BlockGrads) {
         let full = match saved {
             BlockSaved::Full(f) => *f,
             BlockSaved::Checkpointed { x, mut rng, b, t } => {
@@ -197,11 +206,16 @@ impl Block {
         drop(h);
         let mut dh = dh_norm;
         ops::add_assign(&mut dh, dy);
-        let (da_in, g_attn) = self.self_attn.backward(attn, &a_in, &dh, rope);
+        let need_da = need_dx || self.input_layernorm.train;
+        let (da_in, g_attn) = self.self_attn.backward(attn, &a_in, &dh, rope, need_da);
         drop(a_in);
-        let (dx_norm, g_n1) = self.input_layernorm.backward(n1, &x, &da_in);
-        let mut dx = dx_norm;
-        ops::add_assign(&mut dx, &dh);
+        let (mut dx, mut g_n1) = (None, None);
+        if let Some(da_in) = da_in {
+            let (mut d, g) = self.input_layernorm.backward(n1, &x, &da_in);
+            ops::add_assign(&mut d, &dh);
+            g_n1 = g;
+            dx = need_dx.then_some(d);
+        }
         (
             dx,
             BlockGrads {
@@ -211,5 +225,105 @@ impl Block {
                 mlp: g_mlp,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{AdapterKind, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter};
+    use crate::model::config::RopeScaling;
+    use crate::model::layers::linear::{Linear, LinearGrads};
+
+    fn adapted(out: usize, inp: usize, kind: AdapterKind, rng: &mut Rng) -> Linear {
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.3).collect();
+        let weight = BaseWeight::Dense { w, out, inp };
+        let init = InitLoraWeights::Random;
+        let mut a = LoraAdapter::new(&weight, kind, 2, 2.0, 0.2, init, rng);
+        a.dora_dropout = DoraDropout::Peft;
+        let mut l = Linear::new(weight, None);
+        l.adapter = Some(a);
+        l
+    }
+
+    fn block(kind: AdapterKind, rng: &mut Rng) -> Block {
+        let (d, h, dh, f) = (8, 2, 4, 12);
+        let norm =
+            |rng: &mut Rng| RmsNorm::new((0..d).map(|_| 1.0 + 0.1 * rng.normal()).collect(), 1e-5);
+        Block {
+            input_layernorm: norm(rng),
+            self_attn: Attention {
+                q_proj: adapted(h * dh, d, kind, rng),
+                k_proj: adapted(h * dh, d, kind, rng),
+                v_proj: adapted(h * dh, d, kind, rng),
+                o_proj: adapted(d, h * dh, kind, rng),
+                q_norm: None,
+                k_norm: None,
+                num_heads: h,
+                num_kv_heads: h,
+                head_dim: dh,
+                sliding_window: None,
+            },
+            post_attention_layernorm: norm(rng),
+            mlp: Mlp {
+                gate_proj: adapted(f, d, kind, rng),
+                up_proj: adapted(f, d, kind, rng),
+                down_proj: adapted(d, f, kind, rng),
+            },
+        }
+    }
+
+    fn bits(g: &LinearGrads) -> Vec<Vec<u32>> {
+        let l = g.lora.as_ref().expect("adapter gradients");
+        let b = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut all = vec![b(&l.d_lora_a), b(&l.d_lora_b)];
+        if let Some(m) = &l.d_lora_magnitude_vector {
+            all.push(b(m));
+        }
+        all
+    }
+
+    /// A block asked for no input gradient (the first layer under a frozen embedding) skips
+    /// the attention projections' `dy·W` products and gives the same adapter gradients to the
+    /// bit, for LoRA and for DoRA with dropout on the base path (whose `dx` has an extra term);
+    /// a training `input_layernorm` still gets its gradient, the same one.
+    #[test]
+    fn no_input_gradient_changes_no_parameter_gradient() {
+        let (b, t, d) = (2, 5, 8);
+        for kind in [AdapterKind::Lora, AdapterKind::Dora] {
+            for norm_trains in [false, true] {
+                let mut rng = Rng::new(17);
+                let mut blk = block(kind, &mut rng);
+                blk.input_layernorm.train = norm_trains;
+                let mut rope = Rope::new(4, 10000.0, RopeScaling::Default);
+                rope.ensure(t);
+                let x: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+                let dy: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+                let run = |need_dx: bool| {
+                    let (_, saved) =
+                        blk.forward_train(x.clone(), b, t, &rope, Rng::new(9), Keep::All);
+                    blk.backward(saved, &dy, &rope, need_dx)
+                };
+                let (dx, full) = run(true);
+                assert_eq!(dx.map(|v| v.len()), Some(b * t * d));
+                let (none, part) = run(false);
+                assert!(none.is_none(), "{kind:?}: no dx asked for");
+                let a = &full.self_attn;
+                let p = &part.self_attn;
+                for (x, y) in [
+                    (&a.q_proj, &p.q_proj),
+                    (&a.k_proj, &p.k_proj),
+                    (&a.v_proj, &p.v_proj),
+                    (&a.o_proj, &p.o_proj),
+                    (&full.mlp.gate_proj, &part.mlp.gate_proj),
+                    (&full.mlp.up_proj, &part.mlp.up_proj),
+                    (&full.mlp.down_proj, &part.mlp.down_proj),
+                ] {
+                    assert_eq!(bits(x), bits(y), "{kind:?}");
+                }
+                assert_eq!(full.input_layernorm.is_some(), norm_trains);
+                assert_eq!(full.input_layernorm, part.input_layernorm, "{kind:?}");
+            }
+        }
     }
 }

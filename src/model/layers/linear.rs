@@ -145,6 +145,25 @@ impl Linear {
         dy: &[f32],
         n: usize,
     ) -> (Vec<f32>, LinearGrads) {
+        let (dx, grads) = self.backward_with(saved, x, dy, n, true);
+        (dx.expect("the input gradient was asked for"), grads)
+    }
+
+    /// The gradients alone, the same numbers [`backward`](Self::backward) gives, without the
+    /// input gradient and the products `dy·W` that form it (for a layer whose `dx` nobody
+    /// reads).
+    pub fn param_grads(&self, saved: LinearSaved, x: &[f32], dy: &[f32], n: usize) -> LinearGrads {
+        self.backward_with(saved, x, dy, n, false).1
+    }
+
+    fn backward_with(
+        &self,
+        saved: LinearSaved,
+        x: &[f32],
+        dy: &[f32],
+        n: usize,
+        want_dx: bool,
+    ) -> (Option<Vec<f32>>, LinearGrads) {
         let (out, inp) = (self.out_features(), self.in_features());
         let mut grads = LinearGrads::default();
         if self.train_bias {
@@ -154,12 +173,16 @@ impl Linear {
             grads.d_weight = Some(ops::matmul_tn(dy, out, x, inp, n));
         }
         let dx = match (&self.adapter, saved.lora) {
-            (Some(a), Some(s)) => {
+            (Some(a), Some(s)) if want_dx => {
                 let (dx, g) = a.backward(s, &self.weight, x, dy, n);
                 grads.lora = Some(g);
-                dx
+                Some(dx)
             }
-            _ => self.weight.backward_input(dy, n),
+            (Some(a), Some(s)) => {
+                grads.lora = Some(a.param_grads(s, &self.weight, x, dy, n));
+                None
+            }
+            _ => want_dx.then(|| self.weight.backward_input(dy, n)),
         };
         (dx, grads)
     }
