@@ -1,7 +1,8 @@
 //! CPU kernels on 4-bit weights: fast dequantization (to f32 and bf16) and the fused 4-bit
-//! matmuls a trainer needs, `y = x·Wᵀ` and `dx = dy·W`, which dequantize W one tile of rows at a
-//! time into a reusable buffer and hand each tile to the `gemm` microkernels (the same ones
-//! candle uses), so the whole dequantized matrix of a large layer never exists at once.
+//! matmuls a trainer needs, `y = x·Wᵀ` and `dx = dy·W`, which dequantize W one tile at a time
+//! (`dy·W`: a block of rows; `x·Wᵀ`: a block of columns, written transposed) into a reusable
+//! buffer and hand each tile to the `gemm` microkernels (the same ones candle uses), so the whole
+//! dequantized matrix of a large layer never exists at once.
 //!
 //! Reference scalar path: `blockwise::dequantize_4bit_ref` (tested against this one).
 
@@ -11,8 +12,9 @@ use rayon::prelude::*;
 
 use crate::ops::transpose;
 
-/// Rows of W dequantized per tile in the fused matmuls. 512 rows of a 4096-wide layer are 8 MiB
-/// of f32: large enough that gemm's packing of `x` is amortised, small next to the weight.
+/// Rows (`dy·W`) or columns (`x·Wᵀ`) of W dequantized per tile in the fused matmuls. 512 rows
+/// of a 4096-wide layer are 8 MiB of f32: large enough that gemm's packing of the activations is
+/// amortised, small next to the weight.
 pub const TILE_ROWS: usize = 512;
 /// Elements per parallel dequantization chunk (even, so a chunk never splits a byte).
 const DEQUANT_CHUNK: usize = 1 << 14;
@@ -224,8 +226,9 @@ pub struct Packed4<'a> {
 pub type SecondProduct<'a> = (&'a [f32], usize, &'a mut [MaybeUninit<f32>]);
 
 impl Packed4<'_> {
-    /// `y (M×rows) = x (M×cols) · Wᵀ`, dequantizing W one tile of rows at a time. Every element
-    /// of `y` is written, none read (see [`ops::filled`](crate::ops::filled)).
+    /// `y (M×rows) = x (M×cols) · Wᵀ`, dequantizing W one tile at a time (a transposed block of
+    /// columns; a block of rows where the row length or block size rules that out). Every
+    /// element of `y` is written before it is read (see [`ops::filled`](crate::ops::filled)).
     ///
     /// # Panics
     /// If `x.len() != m * cols` or `y.len() != m * rows`.
@@ -252,28 +255,25 @@ impl Packed4<'_> {
             assert_eq!(x2.len(), m2 * self.cols, "x2 shape");
             assert_eq!(y2.len(), m2 * self.rows, "y2 shape");
         }
-        let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
         let transposed = transpose::available(self.cols) && self.blocksize % 8 == 0;
+        if transposed {
+            self.matmul_t2_by_columns(x, m, y, second);
+            return;
+        }
+        let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
             let t = &mut tile[..(r1 - r0) * self.cols];
-            // The tile as gemm's rhs (element (k, n) = W[r0 + n][k]) and its strides: written
-            // transposed when it can be (gemm then reads it without re-packing), else as rows.
-            let (rs, cs) = if transposed {
-                self.dequantize_rows_transposed(r0, r1, t);
-                (r1 - r0, 1)
-            } else {
-                let start = r0 * self.cols;
-                dequantize_range(
-                    self.packed,
-                    self.absmax,
-                    self.code,
-                    self.blocksize,
-                    start,
-                    t,
-                );
-                (1, self.cols)
-            };
+            // The tile as gemm's rhs (element (k, n) = W[r0 + n][k]), as rows.
+            dequantize_range(
+                self.packed,
+                self.absmax,
+                self.code,
+                self.blocksize,
+                r0 * self.cols,
+                t,
+            );
+            let (rs, cs) = (1, self.cols);
             let threads = crate::ops::threads();
             let (k, rows) = (self.cols, self.rows);
             crate::ops::gemm_write(
@@ -297,32 +297,92 @@ impl Packed4<'_> {
         }
     }
 
-    /// Dequantizes rows `r0..r1` of W transposed into `t` (`cols × (r1 − r0)`), bit-identical
-    /// to [`dequantize_range`]. Requires [`transpose::available`]`(cols)` and a block size that
-    /// is a multiple of 8, so that 8 consecutive codes share one scale and 4 whole bytes.
-    fn dequantize_rows_transposed(&self, r0: usize, r1: usize, t: &mut [f32]) {
+    /// [`matmul_t2`](Self::matmul_t2) on the transposed route: W is dequantized one block of
+    /// [`TILE_ROWS`] input features (columns) at a time, for all its rows, into a transposed
+    /// tile `Wᵀ[k0..k1, :]`, and `y (+)= x[:, k0..k1]·tile` — the shape of the backward's
+    /// `dy·W` (short reduction, all outputs wide, the tile read row-major). Row tiles with the
+    /// whole reduction had gemm re-pack `x` for every tile: AVX-512 kernels ran them at
+    /// 248–253 GFLOP/s against 300–310 for the backward's shape.
+    fn matmul_t2_by_columns(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [MaybeUninit<f32>],
+        mut second: Option<SecondProduct<'_>>,
+    ) {
+        let (rows, cols) = (self.rows, self.cols);
+        if m == 0 && second.as_ref().is_none_or(|s| s.1 == 0) {
+            return;
+        }
+        let mut tile = vec![0f32; TILE_ROWS.min(cols) * rows];
+        let threads = crate::ops::threads();
+        for k0 in (0..cols).step_by(TILE_ROWS) {
+            let k1 = (k0 + TILE_ROWS).min(cols);
+            let t = &mut tile[..(k1 - k0) * rows];
+            self.dequantize_cols_transposed(k0, k1, t);
+            // The first block writes every output element, the others add to them.
+            let product = |lhs: &[f32], mm: usize, dst: &mut [MaybeUninit<f32>]| {
+                // SAFETY: `dst` is a unique borrow of the mm × rows block (shapes asserted by
+                // the caller); with `k0 > 0` the first block has initialized it.
+                unsafe {
+                    crate::ops::gemm_raw(
+                        mm,
+                        rows,
+                        k1 - k0,
+                        dst.as_mut_ptr().cast(),
+                        dst.len(),
+                        rows,
+                        k0 > 0,
+                        &lhs[k0..],
+                        cols,
+                        1,
+                        t,
+                        rows,
+                        1,
+                        1.0,
+                        threads,
+                    )
+                }
+            };
+            product(x, m, y);
+            if let Some((x2, m2, y2)) = &mut second {
+                product(x2, *m2, y2);
+            }
+        }
+    }
+
+    /// Dequantizes columns `k0..k1` of every row of W transposed into `t`
+    /// (`(k1 − k0) × rows`), bit-identical to [`dequantize_range`]. Requires
+    /// [`transpose::available`] for `cols` and `k1 − k0`, `k0` a multiple of 8 and a block size
+    /// that is a multiple of 8, so that 8 consecutive codes share one scale and 4 whole bytes.
+    fn dequantize_cols_transposed(&self, k0: usize, k1: usize, t: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
         assert!(
-            self.packed.len() * 2 >= r1 * self.cols,
+            k0 % 8 == 0 && k1 <= cols,
+            "column block {k0}..{k1} of {cols}"
+        );
+        assert!(
+            self.packed.len() * 2 >= rows * cols,
             "packed data too short"
         );
         assert!(
-            self.absmax.len() * self.blocksize >= r1 * self.cols,
+            self.absmax.len() * self.blocksize >= rows * cols,
             "absmax too short"
         );
-        let cols = self.cols;
         let nibbles = simd::Nibbles::new(self.code);
+        // transpose_with's "rows" are W's rows, its "columns" the block's k0..k1.
         transpose::transpose_with(
-            r0,
-            r1,
-            cols,
+            0,
+            rows,
+            k1 - k0,
             t,
             |row, col| {
-                let i = row * cols + col;
+                let i = row * cols + k0 + col;
                 let scale = self.absmax[i / self.blocksize];
                 nibbles.dequant8(&self.packed[i / 2..i / 2 + 4], scale)
             },
             |row, col| {
-                let i = row * cols + col;
+                let i = row * cols + k0 + col;
                 let b = self.packed[i / 2];
                 let nib = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
                 self.code[nib as usize] * self.absmax[i / self.blocksize]
@@ -461,12 +521,13 @@ mod tests {
         if !transpose::available(cols) {
             return;
         }
-        for (r0, r1) in [(0, rows), (3, 40), (32, 48.min(rows))] {
-            let mut t = vec![f32::NAN; cols * (r1 - r0)];
-            p.dequantize_rows_transposed(r0, r1, &mut t);
-            for r in r0..r1 {
-                for c in 0..cols {
-                    let got = t[c * (r1 - r0) + r - r0];
+        // whole width, a block inside (scales shared with the neighbours), the last strip
+        for (k0, k1) in [(0, cols), (8, 72), (128, cols)] {
+            let mut t = vec![f32::NAN; (k1 - k0) * rows];
+            p.dequantize_cols_transposed(k0, k1, &mut t);
+            for r in 0..rows {
+                for c in k0..k1 {
+                    let got = t[(c - k0) * rows + r];
                     assert_eq!(got.to_bits(), want[r * cols + c].to_bits(), "({r}, {c})");
                 }
             }
@@ -476,7 +537,8 @@ mod tests {
     #[test]
     fn fused_matmuls_equal_dense() {
         // two tiles with a partial row group; then a width the transposed path cannot take
-        for (rows, cols, m) in [(600, 96, 7), (37, 100, 5)] {
+        // and several column blocks of the transposed route, the last one partial
+        for (rows, cols, m) in [(600, 96, 7), (37, 100, 5), (45, 2 * TILE_ROWS + 72, 3)] {
             fused_matmuls_equal_dense_for(rows, cols, m);
         }
     }
@@ -488,6 +550,30 @@ mod tests {
         let (p, wd) = (q.view(), &q.dequantized);
         // SAFETY: both products write every element of their output.
         let y = unsafe { crate::ops::filled(m * rows, |y| p.matmul_t(&x, m, y)) };
+        // the second product from the same tiles (DoRA's A·Wᵀ): what matmul_t gives for it
+        let (m2, x2) = (3, sample(3 * cols, 5));
+        let mut y1 = vec![MaybeUninit::new(f32::NAN); m * rows];
+        let mut y2 = vec![MaybeUninit::new(f32::NAN); m2 * rows];
+        p.matmul_t2(&x, m, &mut y1, Some((&x2, m2, &mut y2)));
+        // SAFETY: initialized above (NaN), then written by matmul_t2.
+        let (y1, y2): (Vec<f32>, Vec<f32>) = unsafe {
+            (
+                y1.iter().map(|v| v.assume_init()).collect(),
+                y2.iter().map(|v| v.assume_init()).collect(),
+            )
+        };
+        assert_eq!(y1, y, "matmul_t2's first product is matmul_t's");
+        for i in 0..m2 {
+            for r in 0..rows {
+                let want: f64 = (0..cols)
+                    .map(|c| x2[i * cols + c] as f64 * wd[r * cols + c] as f64)
+                    .sum();
+                assert!(
+                    (y2[i * rows + r] as f64 - want).abs() < 1e-4,
+                    "second ({i}, {r})"
+                );
+            }
+        }
         let dx = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy, m, dx)) };
         for i in 0..m {
             for r in 0..rows {
