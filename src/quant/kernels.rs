@@ -16,6 +16,9 @@ use crate::ops::transpose;
 /// of a 4096-wide layer are 8 MiB of f32: large enough that gemm's packing of the activations is
 /// amortised, small next to the weight.
 pub const TILE_ROWS: usize = 512;
+/// Output rows per band of the transposed 4-bit forward (see `Packed4::matmul_t2`): a band's
+/// tile (512 × 4096 floats, 8 MiB) and its part of `y` stay bounded for wide layers (11008 rows).
+const BAND_ROWS: usize = 4096;
 /// Elements per parallel dequantization chunk (even, so a chunk never splits a byte).
 const DEQUANT_CHUNK: usize = 1 << 14;
 
@@ -314,48 +317,62 @@ impl Packed4<'_> {
         if m == 0 && second.as_ref().is_none_or(|s| s.1 == 0) {
             return;
         }
-        let mut tile = vec![0f32; TILE_ROWS.min(cols) * rows];
+        let band_rows = BAND_ROWS.min(rows);
+        let mut tile = vec![0f32; TILE_ROWS.min(cols) * band_rows];
         let threads = crate::ops::threads();
-        for k0 in (0..cols).step_by(TILE_ROWS) {
-            let k1 = (k0 + TILE_ROWS).min(cols);
-            let t = &mut tile[..(k1 - k0) * rows];
-            self.dequantize_cols_transposed(k0, k1, t);
-            // The first block writes every output element, the others add to them.
-            let product = |lhs: &[f32], mm: usize, dst: &mut [MaybeUninit<f32>]| {
-                // SAFETY: `dst` is a unique borrow of the mm × rows block (shapes asserted by
-                // the caller); with `k0 > 0` the first block has initialized it.
-                unsafe {
-                    crate::ops::gemm_raw(
-                        mm,
-                        rows,
-                        k1 - k0,
-                        dst.as_mut_ptr().cast(),
-                        dst.len(),
-                        rows,
-                        k0 > 0,
-                        &lhs[k0..],
-                        cols,
-                        1,
-                        t,
-                        rows,
-                        1,
-                        1.0,
-                        threads,
-                    )
+        // Bands of output rows, each finished over all column blocks while its part of `y`
+        // is still in cache.
+        for r0 in (0..rows).step_by(band_rows.max(1)) {
+            let r1 = (r0 + band_rows).min(rows);
+            let nb = r1 - r0;
+            for k0 in (0..cols).step_by(TILE_ROWS) {
+                let k1 = (k0 + TILE_ROWS).min(cols);
+                let t = &mut tile[..(k1 - k0) * nb];
+                self.dequantize_cols_transposed((k0, k1), (r0, r1), t);
+                // The first block writes the band's outputs, the others add to them.
+                let product = |lhs: &[f32], mm: usize, dst: &mut [MaybeUninit<f32>]| {
+                    let dst = &mut dst[r0..];
+                    // SAFETY: `dst` is a unique borrow reaching past the mm × band block
+                    // (shapes asserted by the caller); with `k0 > 0` the first column block
+                    // has initialized the band.
+                    unsafe {
+                        crate::ops::gemm_raw(
+                            mm,
+                            nb,
+                            k1 - k0,
+                            dst.as_mut_ptr().cast(),
+                            dst.len(),
+                            rows,
+                            k0 > 0,
+                            &lhs[k0..],
+                            cols,
+                            1,
+                            t,
+                            nb,
+                            1,
+                            1.0,
+                            threads,
+                        )
+                    }
+                };
+                product(x, m, y);
+                if let Some((x2, m2, y2)) = &mut second {
+                    product(x2, *m2, y2);
                 }
-            };
-            product(x, m, y);
-            if let Some((x2, m2, y2)) = &mut second {
-                product(x2, *m2, y2);
             }
         }
     }
 
-    /// Dequantizes columns `k0..k1` of every row of W transposed into `t`
-    /// (`(k1 − k0) × rows`), bit-identical to [`dequantize_range`]. Requires
+    /// Dequantizes columns `k0..k1` of rows `r0..r1` of W transposed into `t`
+    /// (`(k1 − k0) × (r1 − r0)`), bit-identical to [`dequantize_range`]. Requires
     /// [`transpose::available`] for `cols` and `k1 − k0`, `k0` a multiple of 8 and a block size
     /// that is a multiple of 8, so that 8 consecutive codes share one scale and 4 whole bytes.
-    fn dequantize_cols_transposed(&self, k0: usize, k1: usize, t: &mut [f32]) {
+    fn dequantize_cols_transposed(
+        &self,
+        (k0, k1): (usize, usize),
+        (r0, r1): (usize, usize),
+        t: &mut [f32],
+    ) {
         let (rows, cols) = (self.rows, self.cols);
         assert!(
             k0 % 8 == 0 && k1 <= cols,
@@ -371,9 +388,10 @@ impl Packed4<'_> {
         );
         let nibbles = simd::Nibbles::new(self.code);
         // transpose_with's "rows" are W's rows, its "columns" the block's k0..k1.
+        assert!(r1 <= rows, "row band {r0}..{r1} of {rows}");
         transpose::transpose_with(
-            0,
-            rows,
+            r0,
+            r1,
             k1 - k0,
             t,
             |row, col| {
@@ -522,12 +540,18 @@ mod tests {
             return;
         }
         // whole width, a block inside (scales shared with the neighbours), the last strip
-        for (k0, k1) in [(0, cols), (8, 72), (128, cols)] {
-            let mut t = vec![f32::NAN; (k1 - k0) * rows];
-            p.dequantize_cols_transposed(k0, k1, &mut t);
-            for r in 0..rows {
+        // and all rows, a band inside, a band at the end
+        for ((k0, k1), (r0, r1)) in [
+            ((0, cols), (0, rows)),
+            ((8, 72), (3, 40)),
+            ((128, cols), (32, rows)),
+        ] {
+            let nb = r1 - r0;
+            let mut t = vec![f32::NAN; (k1 - k0) * nb];
+            p.dequantize_cols_transposed((k0, k1), (r0, r1), &mut t);
+            for r in r0..r1 {
                 for c in k0..k1 {
-                    let got = t[(c - k0) * rows + r];
+                    let got = t[(c - k0) * nb + r - r0];
                     assert_eq!(got.to_bits(), want[r * cols + c].to_bits(), "({r}, {c})");
                 }
             }
@@ -538,7 +562,13 @@ mod tests {
     fn fused_matmuls_equal_dense() {
         // two tiles with a partial row group; then a width the transposed path cannot take
         // and several column blocks of the transposed route, the last one partial
-        for (rows, cols, m) in [(600, 96, 7), (37, 100, 5), (45, 2 * TILE_ROWS + 72, 3)] {
+        // and two bands of output rows
+        for (rows, cols, m) in [
+            (600, 96, 7),
+            (37, 100, 5),
+            (45, 2 * TILE_ROWS + 72, 3),
+            (BAND_ROWS + 4, TILE_ROWS + 8, 2),
+        ] {
             fused_matmuls_equal_dense_for(rows, cols, m);
         }
     }
