@@ -268,14 +268,7 @@ impl Packed4<'_> {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
             let t = &mut tile[..(r1 - r0) * self.cols];
             // The tile as gemm's rhs (element (k, n) = W[r0 + n][k]), as rows.
-            dequantize_range(
-                self.packed,
-                self.absmax,
-                self.code,
-                self.blocksize,
-                r0 * self.cols,
-                t,
-            );
+            self.dequantize_rows(r0, t);
             let (rs, cs) = (1, self.cols);
             let threads = crate::ops::threads();
             let (k, rows) = (self.cols, self.rows);
@@ -298,6 +291,19 @@ impl Packed4<'_> {
                 crate::ops::gemm_write(*m2, r1 - r0, k, y2, rows, x2, k, 1, t, rs, cs, threads);
             }
         }
+    }
+
+    /// Dequantizes the `t.len() / cols` rows of W from row `r0` on into `t`, as rows.
+    fn dequantize_rows(&self, r0: usize, t: &mut [f32]) {
+        let start = r0 * self.cols;
+        dequantize_range(
+            self.packed,
+            self.absmax,
+            self.code,
+            self.blocksize,
+            start,
+            t,
+        );
     }
 
     /// [`matmul_t2`](Self::matmul_t2) on the transposed route: W is dequantized one block of
@@ -427,14 +433,7 @@ impl Packed4<'_> {
         for r0 in (0..self.rows).step_by(TILE_ROWS) {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
             let t = &mut tile[..(r1 - r0) * self.cols];
-            dequantize_range(
-                self.packed,
-                self.absmax,
-                self.code,
-                self.blocksize,
-                r0 * self.cols,
-                t,
-            );
+            self.dequantize_rows(r0, t);
             // SAFETY: `dx` is a unique borrow of `dx.len()` floats, exactly the m × cols block
             // (asserted above); the first tile writes all of it, so later tiles add to
             // initialized floats.
