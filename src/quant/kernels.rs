@@ -307,11 +307,11 @@ impl Packed4<'_> {
     }
 
     /// [`matmul_t2`](Self::matmul_t2) on the transposed route: W is dequantized one block of
-    /// [`TILE_ROWS`] input features (columns) at a time, for all its rows, into a transposed
-    /// tile `Wᵀ[k0..k1, :]`, and `y (+)= x[:, k0..k1]·tile` — the shape of the backward's
-    /// `dy·W` (short reduction, all outputs wide, the tile read row-major). Row tiles with the
-    /// whole reduction had gemm re-pack `x` for every tile: AVX-512 kernels ran them at
-    /// 248–253 GFLOP/s against 300–310 for the backward's shape.
+    /// [`TILE_ROWS`] input features (columns) of a band of up to [`BAND_ROWS`] rows at a time
+    /// into a transposed tile `Wᵀ[k0..k1, band]`, and `y[:, band] (+)= x[:, k0..k1]·tile` — the
+    /// shape of the backward's `dy·W` (short reduction, wide outputs, the tile read row-major).
+    /// Row tiles with the whole reduction had gemm re-pack `x` for every tile: AVX-512 kernels
+    /// ran them at 248–253 GFLOP/s against 300–310 for the backward's shape.
     fn matmul_t2_by_columns(
         &self,
         x: &[f32],
@@ -326,8 +326,8 @@ impl Packed4<'_> {
         let band_rows = BAND_ROWS.min(rows);
         let mut tile = vec![0f32; TILE_ROWS.min(cols) * band_rows];
         let threads = crate::ops::threads();
-        // Bands of output rows, each finished over all column blocks while its part of `y`
-        // is still in cache.
+        // Bands of output rows, each finished over all column blocks: the tile and the part of
+        // `y` it adds to stay bounded however many rows W has.
         for r0 in (0..rows).step_by(band_rows.max(1)) {
             let r1 = (r0 + band_rows).min(rows);
             let nb = r1 - r0;
