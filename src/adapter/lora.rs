@@ -535,7 +535,7 @@ fn dora_output_grads(
         let km1: Vec<f32> = k.iter().map(|k| k - 1.0).collect();
         scale_columns(dy, out, &km1)
     });
-    let mut dm = lowrank::reduce_parts(&partials, out);
+    let mut dm = ops::reduce_parts(&partials, out);
     for (v, nn) in dm.iter_mut().zip(&norm) {
         *v /= nn.max(dora::NORM_EPS);
     }

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::dropout::{Dropout, LaneMask};
 use crate::ops::lanes::F8;
+use crate::ops::reduce_parts;
 
 /// Rows per parallel work item (fixed, so partial sums and results do not depend on the thread
 /// count). 128 rather than 32: each block's partial `dA` / `dB` is zeroed and summed once, and at
@@ -54,21 +55,6 @@ fn pad_rows(m: &[f32], rows: usize, rows8: usize, cols: usize) -> std::borrow::C
     let mut p = vec![0f32; rows8 * cols];
     p[..rows * cols].copy_from_slice(&m[..rows * cols]);
     std::borrow::Cow::Owned(p)
-}
-
-/// Adds the per-block partial sums `parts` (block order) over their first `len` elements, in
-/// parallel over fixed ranges of the result; the order of the additions, and so the result,
-/// does not depend on the thread count.
-pub(crate) fn reduce_parts(parts: &[Vec<f32>], len: usize) -> Vec<f32> {
-    const CHUNK: usize = 1 << 12;
-    let mut out = vec![0f32; len];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        for p in parts {
-            let src = &p[c * CHUNK..c * CHUNK + o.len()];
-            o.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-        }
-    });
-    out
 }
 
 /// `u (n × r) = x_d · Aᵀ` for `x (n × inp)`, `A (r × inp)`.

@@ -625,6 +625,23 @@ pub fn add_assign(dst: &mut [f32], src: &[f32]) {
         .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, b)| *a += b));
 }
 
+/// Adds the per-block partial sums `parts` (block order) over their first `len` elements, in
+/// parallel over fixed ranges of the result; the order of the additions, and so the result,
+/// does not depend on the thread count. (Column sums split over row blocks: adapter and
+/// norm weight gradients.)
+pub fn reduce_parts(parts: &[Vec<f32>], len: usize) -> Vec<f32> {
+    const CHUNK: usize = 1 << 12;
+    let mut out = vec![0f32; len];
+    use rayon::prelude::*;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        for p in parts {
+            let src = &p[c * CHUNK..c * CHUNK + o.len()];
+            o.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        }
+    });
+    out
+}
+
 /// `σ(x) = 1/(1 + e^{−x})`, branch-free through [`exp_neg`] so loops vectorize.
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {

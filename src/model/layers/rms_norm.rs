@@ -108,13 +108,7 @@ impl RmsNorm {
                 dw
             })
             .collect();
-        let dw = self.train.then(|| {
-            let mut dw = vec![0f32; d];
-            for p in &partials {
-                ops::add_assign(&mut dw, p);
-            }
-            dw
-        });
+        let dw = self.train.then(|| ops::reduce_parts(&partials, d));
         (dx, dw)
     }
 }
