@@ -1,6 +1,7 @@
 //! Tiny random Llama 3 (llama3 RoPE scaling, attention + MLP biases, tied embeddings), Llama
 //! (linear RoPE scaling), Mistral (sliding window, free head_dim), Qwen2 (q/k/v biases, tied) and
-//! Qwen3 (q/k norm, free head_dim) against transformers 5.24 (made by make_arch_fixtures.py).
+//! Qwen3 (q/k norm, free head_dim) against transformers 5.24 (made by make_arch_fixtures.py),
+//! and PEFT adapters with `modules_to_save` on the tied Qwen2 (make_tied_modules_to_save.py).
 
 use std::path::Path;
 
@@ -158,4 +159,98 @@ fn lora_only_bias_and_modules_to_save_round_trip_with_peft_keys() {
     let mut m2 = load(&dir, &LoadOptions::default()).unwrap();
     qdora::model::adapters::load_adapter(&mut m2, out.path()).unwrap();
     assert_eq!(m2.logits(&ids, 1, 12).unwrap(), want);
+}
+
+/// PEFT adapters with `modules_to_save` on a model whose head is tied to its embedding
+/// (make_tied_modules_to_save.py): PEFT trains and saves a copy of the named module and the
+/// other side of the tie keeps the base matrix, so loading one must give PEFT's logits.
+#[test]
+fn modules_to_save_on_tied_embeddings_matches_peft() {
+    let arch = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
+    for case in ["qwen2-tied-mts-lm_head", "qwen2-tied-mts-embed_tokens"] {
+        let mut m = load(&arch.join("qwen2-qkv-bias"), &LoadOptions::default()).unwrap();
+        qdora::model::adapters::load_adapter(&mut m, &arch.join(case)).unwrap();
+        let r = Checkpoint::open(&arch.join(case).join("reference.safetensors")).unwrap();
+        let (ids, b, s) = ids(&r, "input_ids");
+        let d = max_diff(
+            &m.logits(&ids, b, s).unwrap(),
+            &r.get("logits").unwrap().to_f32().unwrap(),
+        );
+        assert!(d < 1e-4, "{case}: logits max diff {d}");
+    }
+}
+
+/// Training with `modules_to_save = ["lm_head"]` on a tied model moves the head's copy and
+/// leaves the input embedding as the base has it (and the other way round), as PEFT does;
+/// the saved adapter then loads back to the same model.
+#[test]
+fn modules_to_save_on_tied_embeddings_trains_one_side() {
+    use qdora::adapter::{LoraConfig, TargetModules};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch/qwen2-qkv-bias");
+    let base = load(&dir, &LoadOptions::default()).unwrap();
+    let original = base.embed_tokens.to_f32().into_owned();
+    for (module, key) in [
+        ("lm_head", "lm_head.weight"),
+        ("embed_tokens", "model.embed_tokens.weight"),
+    ] {
+        let mut m = base.clone();
+        let cfg = LoraConfig {
+            target_modules: Some(TargetModules::List(vec!["q_proj".into()])),
+            modules_to_save: Some(vec![module.into()]),
+            ..Default::default()
+        };
+        qdora::model::adapters::attach(&mut m, &cfg, &mut qdora::ops::Rng::new(1)).unwrap();
+        let mut names = Vec::new();
+        m.visit_trainable(&mut |n, t| {
+            t.iter_mut().for_each(|v| *v += 0.01);
+            names.push(n.to_string());
+        });
+        assert!(names.iter().any(|n| n == key), "{module}: {names:?}");
+        let (embed, head) = (m.embed_tokens.to_f32(), m.head().to_f32());
+        let (moved, kept) = if module == "lm_head" {
+            (head, embed)
+        } else {
+            (embed, head)
+        };
+        assert_eq!(
+            kept.as_ref(),
+            original.as_slice(),
+            "{module}: the other side moved"
+        );
+        assert_ne!(
+            moved.as_ref(),
+            original.as_slice(),
+            "{module}: did not train"
+        );
+        let out = tempfile::tempdir().unwrap();
+        qdora::model::adapters::save_adapter(&m, out.path(), &cfg).unwrap();
+        let ids: Vec<u32> = (0..12).map(|i| (i * 7 % 96) as u32).collect();
+        let mut m2 = base.clone();
+        qdora::model::adapters::load_adapter(&mut m2, out.path()).unwrap();
+        assert_eq!(
+            m2.logits(&ids, 1, 12).unwrap(),
+            m.logits(&ids, 1, 12).unwrap(),
+            "{module}: round trip"
+        );
+        // Merged and exported, the untied head is written as its own matrix and the config
+        // no longer ties it.
+        let mut merged = m.clone();
+        qdora::model::adapters::merge(&mut merged);
+        let export = tempfile::tempdir().unwrap();
+        let how = qdora::model::load::SaveAs::Dense(qdora::quant::Dtype::F32);
+        qdora::model::load::save(&merged, export.path(), how).unwrap();
+        let config = std::fs::read_to_string(export.path().join("config.json")).unwrap();
+        assert!(
+            config.contains("\"tie_word_embeddings\": false"),
+            "{module}"
+        );
+        let d = max_diff(
+            &load(export.path(), &LoadOptions::default())
+                .unwrap()
+                .logits(&ids, 1, 12)
+                .unwrap(),
+            &m.logits(&ids, 1, 12).unwrap(),
+        );
+        assert!(d < 1e-4, "{module}: merged export differs by {d}");
+    }
 }

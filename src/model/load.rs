@@ -343,6 +343,10 @@ pub fn save(model: &Llama, dir: &Path, how: SaveAs) -> Result<()> {
     io::write_safetensors(&dir.join("model.safetensors"), &tensors, &io::pt_metadata())?;
     let mut cfg = c.raw.clone();
     if let Some(obj) = cfg.as_object_mut() {
+        if model.lm_head.is_some() && c.tie_word_embeddings {
+            // the head was untied (a `modules_to_save` copy): its own matrix is saved above
+            obj.insert("tie_word_embeddings".into(), false.into());
+        }
         match how {
             SaveAs::Dense(d) => {
                 obj.remove("quantization_config");
