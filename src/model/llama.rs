@@ -293,7 +293,15 @@ impl Llama {
         let hs = self.hidden_states(ids, b, t)?;
         let h = hs.last().map(|v| v.as_slice()).unwrap_or(&[]);
         let targets = loss::shift_labels(labels, b, t);
-        let r = loss::head_loss(h, self.head(), &targets, 1.0, false, false);
+        let r = loss::head_loss(
+            h,
+            self.head(),
+            &targets,
+            1.0,
+            false,
+            false,
+            loss::CHUNK_ROWS,
+        );
         Ok((r.loss_sum, r.count))
     }
 
@@ -366,6 +374,11 @@ impl Llama {
             opts.grad_scale,
             true,
             self.train_lm_head,
+            if opts.gradient_checkpointing {
+                loss::LEAN_CHUNK_ROWS
+            } else {
+                loss::CHUNK_ROWS
+            },
         );
         drop(h);
         let mut grads: Grads = Vec::new();

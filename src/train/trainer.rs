@@ -258,10 +258,11 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let per_block = 4.0 * (5.0 * n * d + n * (2.0 * q + 2.0 * kv) + mlp_kept + dora_z);
     let (block_full, block_lean) = (per_block + 4.0 * probs, per_block + 4.0 * stats);
     let layers = c.num_hidden_layers as f64;
-    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time)
-    let head = 4.0 * (loss::CHUNK_ROWS as f64 * c.vocab_size as f64 + 2.0 * n * d);
-    let full = block_full * layers + head;
-    let ckpt = 4.0 * n * d * layers + block_lean + block_full + head;
+    // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time, or
+    // `LEAN_CHUNK_ROWS` with checkpointing)
+    let head = |rows: usize| 4.0 * (rows as f64 * c.vocab_size as f64 + 2.0 * n * d);
+    let full = block_full * layers + head(loss::CHUNK_ROWS);
+    let ckpt = 4.0 * n * d * layers + block_lean + block_full + head(loss::LEAN_CHUNK_ROWS);
     (mib(weights), mib(states), mib(ckpt), mib(full))
 }
 
