@@ -1,6 +1,6 @@
 //! The LM head with causal-LM cross-entropy, chunked: logits are formed for at most
-//! [`CHUNK_ROWS`] (or [`LEAN_CHUNK_ROWS`]) positions at a time and only for positions that carry a label, so the
-//! `(N, V)` logits matrix never exists during training.
+//! [`CHUNK_ROWS`] (or [`LEAN_CHUNK_ROWS`]) positions at a time and only for positions that
+//! carry a label, so the `(N, V)` logits matrix never exists during training.
 //!
 //! Loss as transformers computes it: position `i` predicts `labels[i + 1]` of the same sequence,
 //! `-100` is ignored, the mean is over counted positions. Gradient of the summed loss w.r.t. the
