@@ -121,6 +121,18 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     ));
 }
 
+/// Attaches fresh adapters for `cfg` and moves every trainable tensor by 0.01 (a stand-in for
+/// an optimizer step); returns the trainable tensors' names.
+fn attach_and_nudge(m: &mut qdora::model::Llama, cfg: &qdora::adapter::LoraConfig) -> Vec<String> {
+    qdora::model::adapters::attach(m, cfg, &mut qdora::ops::Rng::new(1)).unwrap();
+    let mut names = Vec::new();
+    m.visit_trainable(&mut |n, t| {
+        t.iter_mut().for_each(|v| *v += 0.01);
+        names.push(n.to_string());
+    });
+    names
+}
+
 #[test]
 fn lora_only_bias_and_modules_to_save_round_trip_with_peft_keys() {
     use qdora::adapter::{Bias, LoraConfig, TargetModules};
@@ -134,12 +146,7 @@ fn lora_only_bias_and_modules_to_save_round_trip_with_peft_keys() {
         use_dora: true,
         ..Default::default()
     };
-    qdora::model::adapters::attach(&mut m, &cfg, &mut qdora::ops::Rng::new(1)).unwrap();
-    let mut names = Vec::new();
-    m.visit_trainable(&mut |n, t| {
-        t.iter_mut().for_each(|v| *v += 0.01);
-        names.push(n.to_string());
-    });
+    let names = attach_and_nudge(&mut m, &cfg);
     assert!(names
         .iter()
         .any(|n| n == "model.layers.0.self_attn.q_proj.bias"));
@@ -199,12 +206,7 @@ fn modules_to_save_on_tied_embeddings_trains_one_side() {
             modules_to_save: Some(vec![module.into()]),
             ..Default::default()
         };
-        qdora::model::adapters::attach(&mut m, &cfg, &mut qdora::ops::Rng::new(1)).unwrap();
-        let mut names = Vec::new();
-        m.visit_trainable(&mut |n, t| {
-            t.iter_mut().for_each(|v| *v += 0.01);
-            names.push(n.to_string());
-        });
+        let names = attach_and_nudge(&mut m, &cfg);
         assert!(names.iter().any(|n| n == key), "{module}: {names:?}");
         let (embed, head) = (m.embed_tokens.to_f32(), m.head().to_f32());
         let (moved, kept) = if module == "lm_head" {
