@@ -78,6 +78,15 @@ impl BaseWeight {
         }
     }
 
+    /// [`backward_input`](Self::backward_input) of two gradients, `(dy·W, dy2·W)`: a 4-bit
+    /// weight is dequantized once for both.
+    pub fn backward_input2(&self, dy: &[f32], dy2: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            BaseWeight::Dense { .. } => (self.backward_input(dy, n), self.backward_input(dy2, n)),
+            BaseWeight::Quant(q) => q.matmul2(dy, dy2, n),
+        }
+    }
+
     /// The weight as f32 (dequantized and rounded to the stored dtype for 4-bit, as PEFT's
     /// `dequantize_module_weight` returns it). Borrowed for dense weights.
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
@@ -138,6 +147,34 @@ impl BaseWeight {
             BaseWeight::Quant(q) => {
                 let (y, awt) = q.matmul_t2(x, n, a, r);
                 (y, transpose(&awt, r, q.rows()))
+            }
+        }
+    }
+
+    /// [`forward_and_times_at`](Self::forward_and_times_at) plus `x2·Wᵀ` for a second input of
+    /// `n` rows (PEFT-form DoRA's dropped-out input): `(x·Wᵀ, x2·Wᵀ, W·Aᵀ)`. A 4-bit weight is
+    /// dequantized once for all three: A's rows ride under `x2`'s (give `x2` room for them to
+    /// spare a copy).
+    pub fn forward_pair_and_times_at(
+        &self,
+        x: &[f32],
+        n: usize,
+        mut x2: Vec<f32>,
+        a: &[f32],
+        r: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        match self {
+            BaseWeight::Dense { .. } => {
+                let (y, wat) = self.forward_and_times_at(x, n, a, r);
+                (y, self.forward(&x2, n), wat)
+            }
+            BaseWeight::Quant(q) => {
+                let out = q.rows();
+                x2.truncate(n * q.cols());
+                x2.extend_from_slice(&a[..r * q.cols()]);
+                let (y, mut y2) = q.matmul_t2(x, n, &x2, n + r);
+                let awt = y2.split_off(n * out);
+                (y, y2, transpose(&awt, r, out))
             }
         }
     }

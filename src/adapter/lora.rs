@@ -336,13 +336,27 @@ impl LoraAdapter {
                 },
             );
         };
-        let (mut y, wat) = base.forward_and_times_at(x, n, &self.lora_a, r);
+        let base_dropout = self.dora_dropout == DoraDropout::Peft && dropout.is_some();
+        // PEFT's form also multiplies the dropped-out input by W: `x_d·Wᵀ` comes from the same
+        // pass over the weight as `x·Wᵀ` and `W·Aᵀ`.
+        let (mut y, xd_wt, wat) = match (&dropout, base_dropout) {
+            (Some(d), true) => {
+                let inp = self.in_features;
+                let mut xd = Vec::with_capacity((n + r) * inp);
+                xd.resize(n * inp, 0.0);
+                d.apply(x, &mut xd);
+                let (y, xd_wt, wat) = base.forward_pair_and_times_at(x, n, xd, &self.lora_a, r);
+                (y, Some(xd_wt), wat)
+            }
+            _ => {
+                let (y, wat) = base.forward_and_times_at(x, n, &self.lora_a, r);
+                (y, None, wat)
+            }
+        };
         let norm = dora::weight_norm_with(&wat, w2, &self.lora_a, &self.lora_b, r, s);
         let k = dora::magnitude_scale(m, &norm);
-        let base_dropout = self.dora_dropout == DoraDropout::Peft && dropout.is_some();
-        let z = if let (true, Some(d)) = (base_dropout, &dropout) {
+        let z = if let Some(mut z) = xd_wt {
             // z = x_d·Wᵀ + s·u·Bᵀ;  y = x·Wᵀ + (k−1)⊙(x_d·Wᵀ) + k⊙(s·u·Bᵀ).
-            let mut z = base.forward(&d.applied(x), n);
             let mut v = vec![0f32; n * out];
             gemm_acc_ubt(&mut v, &u, &self.lora_b, n, out, r, s);
             y.par_chunks_mut(out * ROWS)
@@ -455,22 +469,27 @@ impl LoraAdapter {
             kdy = Some(g);
             km1dy = g1;
         }
-        let g: &[f32] = kdy.as_deref().unwrap_or(dy);
-        // The base: dy (LoRA, PEFT-form DoRA) or k⊙dy (DoRA without base dropout).
-        let base_dy = if kdy.is_some() && !base_dropout {
-            g
-        } else {
-            dy
-        };
-        let mut dx = want_dx.then(|| base.backward_input(base_dy, n));
         // dB = s·gᵀ·u, du = s·g·B.
+        let g: &[f32] = kdy.as_deref().unwrap_or(dy);
         let (d_lora_b, du) = lowrank::grad_b_and_du(g, n, out, &u, &self.lora_b, r, s);
-        drop(kdy);
+        // The base takes dy (LoRA, PEFT-form DoRA, which frees k⊙dy here) or k⊙dy (DoRA
+        // without base dropout).
+        if base_dropout {
+            kdy = None;
+        }
+        let base_dy: &[f32] = kdy.as_deref().unwrap_or(dy);
+        // The base's input gradient, and PEFT-form DoRA's `((k−1)⊙dy)·W` through the
+        // dropped-out base path from the same pass over the weight.
+        let (mut dx, extra) = match (&km1dy, want_dx) {
+            (_, false) => (None, None),
+            (None, true) => (Some(base.backward_input(base_dy, n)), None),
+            (Some(g1), true) => {
+                let (dx, extra) = base.backward_input2(base_dy, g1, n);
+                (Some(dx), Some(extra))
+            }
+        };
+        drop((kdy, km1dy));
         // dA = duᵀ·x_d;  dx += dropoutᵀ(du·A [+ ((k−1)⊙dy)·W]).
-        let extra = km1dy
-            .as_ref()
-            .filter(|_| want_dx)
-            .map(|g1| base.backward_input(g1, n));
         let d_lora_a = lowrank::grad_a_and_dx(
             &du,
             n,
@@ -569,10 +588,30 @@ mod tests {
     use super::*;
 
     fn setup(kind: AdapterKind, dropout: f32) -> (BaseWeight, LoraAdapter, Vec<f32>, usize) {
+        setup_on(kind, dropout, false)
+    }
+
+    /// [`setup`] on a dense or an NF4 base (the 4-bit kernels share tiles between products).
+    fn setup_on(
+        kind: AdapterKind,
+        dropout: f32,
+        quantized: bool,
+    ) -> (BaseWeight, LoraAdapter, Vec<f32>, usize) {
         let (out, inp, r, n) = (5, 8, 2, 3);
         let mut rng = Rng::new(1);
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.5).collect();
-        let base = BaseWeight::Dense { w, out, inp };
+        let base = if quantized {
+            let opts = crate::quant::QuantizeOptions::default();
+            let q = crate::quant::QuantizedWeight::quantize(
+                &w,
+                &[out, inp],
+                crate::quant::Dtype::F32,
+                opts,
+            );
+            BaseWeight::Quant(q.expect("5×8 quantizes"))
+        } else {
+            BaseWeight::Dense { w, out, inp }
+        };
         let mut a = LoraAdapter::new(
             &base,
             kind,
@@ -593,7 +632,11 @@ mod tests {
 
     /// Loss = Σ c ⊙ y with fixed c; compares analytic and central-difference grads.
     fn grad_check(kind: AdapterKind, dropout: f32, where_: DoraDropout) {
-        let (base, mut a, x, n) = setup(kind, dropout);
+        grad_check_on(kind, dropout, where_, false);
+    }
+
+    fn grad_check_on(kind: AdapterKind, dropout: f32, where_: DoraDropout, quantized: bool) {
+        let (base, mut a, x, n) = setup_on(kind, dropout, quantized);
         a.dora_dropout = where_;
         let a = a;
         let out = a.out_features;
@@ -681,6 +724,16 @@ mod tests {
             grad_check(AdapterKind::Dora, 0.0, where_);
             grad_check(AdapterKind::Dora, 0.3, where_);
         }
+    }
+
+    /// QDoRA: on a 4-bit base, PEFT's form takes `x·Wᵀ`, `x_d·Wᵀ` and `W·Aᵀ` from one pass of
+    /// dequantized tiles, and `dy·W` with `((k−1)⊙dy)·W` from another.
+    #[test]
+    fn dora_on_a_4bit_base_gradients_match_finite_differences() {
+        for where_ in [DoraDropout::Peft, DoraDropout::LoraOnly] {
+            grad_check_on(AdapterKind::Dora, 0.3, where_, true);
+        }
+        grad_check_on(AdapterKind::Lora, 0.3, DoraDropout::Peft, true);
     }
 
     /// The two DoRA dropout placements are the formulas they claim, checked against a direct

@@ -414,16 +414,31 @@ impl Packed4<'_> {
         );
     }
 
-    /// `dx (M×cols) = dy (M×rows) · W`, dequantizing W one tile of rows at a time. Every
-    /// element of `dx` is written before it is read (the first tile writes, the others add).
+    /// `dx (M×cols) = dy (M×rows) · W`, dequantizing W one tile of rows at a time, plus
+    /// `dx2 = dy2 · W` from the same tiles when `second = (dy2, dx2)` is given (the same `M`;
+    /// PEFT-form DoRA's dropped-out base path). Every element of `dx` (and `dx2`) is written
+    /// before it is read (the first tile writes, the others add).
     ///
     /// # Panics
-    /// If `dy.len() != m * rows` or `dx.len() != m * cols`.
-    pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [MaybeUninit<f32>]) {
+    /// If `dy.len() != m * rows` or `dx.len() != m * cols` (the same for `dy2`, `dx2`).
+    pub fn matmul(
+        &self,
+        dy: &[f32],
+        m: usize,
+        dx: &mut [MaybeUninit<f32>],
+        mut second: Option<(&[f32], &mut [MaybeUninit<f32>])>,
+    ) {
         assert_eq!(dy.len(), m * self.rows, "dy shape");
         assert_eq!(dx.len(), m * self.cols, "dx shape");
+        if let Some((dy2, dx2)) = &second {
+            assert_eq!(dy2.len(), m * self.rows, "dy2 shape");
+            assert_eq!(dx2.len(), m * self.cols, "dx2 shape");
+        }
         if self.rows == 0 {
             dx.fill(MaybeUninit::new(0.0));
+            if let Some((_, dx2)) = second {
+                dx2.fill(MaybeUninit::new(0.0));
+            }
             return;
         }
         if m == 0 || self.cols == 0 {
@@ -434,27 +449,33 @@ impl Packed4<'_> {
             let r1 = (r0 + TILE_ROWS).min(self.rows);
             let t = &mut tile[..(r1 - r0) * self.cols];
             self.dequantize_rows(r0, t);
-            // SAFETY: `dx` is a unique borrow of `dx.len()` floats, exactly the m × cols block
-            // (asserted above); the first tile writes all of it, so later tiles add to
-            // initialized floats.
-            unsafe {
-                crate::ops::gemm_raw(
-                    m,
-                    self.cols,
-                    r1 - r0,
-                    dx.as_mut_ptr().cast(),
-                    dx.len(),
-                    self.cols,
-                    r0 > 0,
-                    &dy[r0..],
-                    self.rows,
-                    1,
-                    t,
-                    self.cols,
-                    1,
-                    1.0,
-                    crate::ops::threads(),
-                );
+            let product = |dy: &[f32], dx: &mut [MaybeUninit<f32>]| {
+                // SAFETY: `dx` is a unique borrow of `dx.len()` floats, exactly the m × cols
+                // block (asserted above); the first tile writes all of it, so later tiles add
+                // to initialized floats.
+                unsafe {
+                    crate::ops::gemm_raw(
+                        m,
+                        self.cols,
+                        r1 - r0,
+                        dx.as_mut_ptr().cast(),
+                        dx.len(),
+                        self.cols,
+                        r0 > 0,
+                        &dy[r0..],
+                        self.rows,
+                        1,
+                        t,
+                        self.cols,
+                        1,
+                        1.0,
+                        crate::ops::threads(),
+                    );
+                }
+            };
+            product(dy, dx);
+            if let Some((dy2, dx2)) = &mut second {
+                product(dy2, dx2);
             }
         }
     }
@@ -603,7 +624,23 @@ mod tests {
                 );
             }
         }
-        let dx = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy, m, dx)) };
+        let dx = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy, m, dx, None)) };
+        // the backward's second product from the same tiles (PEFT-form DoRA): the first is
+        // the same to the bit, the second what the first would give for its input
+        let dy2 = sample(m * rows, 6);
+        let mut dxa = vec![MaybeUninit::new(f32::NAN); m * cols];
+        let mut dxb = vec![MaybeUninit::new(f32::NAN); m * cols];
+        p.matmul(&dy, m, &mut dxa, Some((&dy2, &mut dxb)));
+        // SAFETY: initialized above (NaN), then written by matmul.
+        let (dxa, dxb): (Vec<f32>, Vec<f32>) = unsafe {
+            (
+                dxa.iter().map(|v| v.assume_init()).collect(),
+                dxb.iter().map(|v| v.assume_init()).collect(),
+            )
+        };
+        assert_eq!(dxa, dx, "the first backward product is matmul's alone");
+        let dx2 = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy2, m, dx, None)) };
+        assert_eq!(dxb, dx2, "the second backward product is matmul's alone");
         for i in 0..m {
             for r in 0..rows {
                 let want: f64 = (0..cols)

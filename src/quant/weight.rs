@@ -340,7 +340,25 @@ impl QuantizedWeight {
     /// If `dy.len()` does not match `m`.
     pub fn matmul(&self, dy: &[f32], m: usize) -> Vec<f32> {
         // SAFETY: the product writes every element of its output.
-        unsafe { ops::filled(m * self.cols(), |dx| self.view().matmul(dy, m, dx)) }
+        unsafe { ops::filled(m * self.cols(), |dx| self.view().matmul(dy, m, dx, None)) }
+    }
+
+    /// `dx = dy · W` and `dx2 = dy2 · W` (both `m × in`) from one pass of dequantized tiles.
+    ///
+    /// # Panics
+    /// If a length does not match `m`.
+    pub fn matmul2(&self, dy: &[f32], dy2: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
+        let cols = self.cols();
+        let mut dx2 = Vec::new();
+        // SAFETY: the product writes every element of both outputs.
+        let dx = unsafe {
+            ops::filled(m * cols, |dx| {
+                dx2 = ops::filled(m * cols, |dx2| {
+                    self.view().matmul(dy, m, dx, Some((dy2, dx2)))
+                });
+            })
+        };
+        (dx, dx2)
     }
 
     /// The exact JSON string bitsandbytes packs into `quant_state.bitsandbytes__<type>`.
