@@ -208,6 +208,12 @@ fn modules_to_save_on_tied_embeddings_trains_one_side() {
         };
         let names = attach_and_nudge(&mut m, &cfg);
         assert!(names.iter().any(|n| n == key), "{module}: {names:?}");
+        // PEFT 0.21's print_trainable_parameters for this model and config (the copy counts)
+        assert_eq!(
+            m.trainable_summary(),
+            "trainable params: 6,144 || all params: 48,048 || trainable%: 12.7872",
+            "{module}"
+        );
         let (embed, head) = (m.embed_tokens.to_f32(), m.head().to_f32());
         let (moved, kept) = if module == "lm_head" {
             (head, embed)
