@@ -174,7 +174,12 @@ fn lora_only_bias_and_modules_to_save_round_trip_with_peft_keys() {
 #[test]
 fn modules_to_save_on_tied_embeddings_matches_peft() {
     let arch = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch");
-    for case in ["qwen2-tied-mts-lm_head", "qwen2-tied-mts-embed_tokens"] {
+    for case in [
+        "qwen2-tied-mts-lm_head",
+        "qwen2-tied-mts-embed_tokens",
+        // ensure_weight_tying: one shared copy trains for both sides, saved under both keys
+        "qwen2-tied-mts-lm_head-ensure-tying",
+    ] {
         let mut m = load(&arch.join("qwen2-qkv-bias"), &LoadOptions::default()).unwrap();
         qdora::model::adapters::load_adapter(&mut m, &arch.join(case)).unwrap();
         let r = Checkpoint::open(&arch.join(case).join("reference.safetensors")).unwrap();
@@ -261,4 +266,79 @@ fn modules_to_save_on_tied_embeddings_trains_one_side() {
         );
         assert!(d < 1e-4, "{module}: merged export differs by {d}");
     }
+}
+
+/// With `ensure_weight_tying`, `modules_to_save = ["lm_head"]` on a tied model trains one
+/// shared matrix for both sides, as PEFT does: its gradient is the head's plus the input
+/// embedding's (each of which an untied copy gets alone), and the adapter file holds it under
+/// both keys.
+#[test]
+fn ensure_weight_tying_trains_the_shared_matrix_with_both_gradients() {
+    use qdora::adapter::{LoraConfig, TargetModules};
+    use qdora::model::StepOptions;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch/qwen2-qkv-bias");
+    let base = load(&dir, &LoadOptions::default()).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 7 % 96) as u32).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let opts = StepOptions {
+        gradient_checkpointing: false,
+        grad_scale: 1.0,
+    };
+    // the gradient `key` gets with modules_to_save = [module] (B = 0: every run computes the
+    // same forward)
+    let grad = |module: &str, tying: bool, key: &str| -> Vec<f32> {
+        let mut m = base.clone();
+        let mut cfg = LoraConfig {
+            target_modules: Some(TargetModules::List(vec!["q_proj".into()])),
+            modules_to_save: Some(vec![module.into()]),
+            ..Default::default()
+        };
+        cfg.extra
+            .insert("ensure_weight_tying".into(), serde_json::Value::Bool(tying));
+        qdora::model::adapters::attach(&mut m, &cfg, &mut qdora::ops::Rng::new(1)).unwrap();
+        let (_, _, g) = m
+            .forward_backward(&ids, &labels, 2, 12, &opts, &mut qdora::ops::Rng::new(2))
+            .unwrap();
+        let found: Vec<&str> = g.iter().map(|(n, _)| n.as_str()).collect();
+        let (_, v) = g
+            .iter()
+            .find(|(n, _)| n == key)
+            .unwrap_or_else(|| panic!("{module} {tying}: no {key} in {found:?}"));
+        v.clone()
+    };
+    let shared = grad("lm_head", true, "model.embed_tokens.weight");
+    let head = grad("lm_head", false, "lm_head.weight");
+    let embed = grad("embed_tokens", false, "model.embed_tokens.weight");
+    let sum: Vec<f32> = head.iter().zip(&embed).map(|(a, b)| a + b).collect();
+    let d = max_diff(&shared, &sum);
+    assert!(
+        d < 1e-5,
+        "shared gradient differs from head + embedding by {d}"
+    );
+    assert!(
+        embed.iter().any(|&v| v != 0.0),
+        "the input side has a gradient"
+    );
+    // saved under both keys, loaded back to the same model
+    let mut m = base.clone();
+    let mut cfg = LoraConfig {
+        target_modules: Some(TargetModules::List(vec!["q_proj".into()])),
+        modules_to_save: Some(vec!["lm_head".into()]),
+        ..Default::default()
+    };
+    cfg.extra
+        .insert("ensure_weight_tying".into(), serde_json::Value::Bool(true));
+    let names = attach_and_nudge(&mut m, &cfg);
+    assert!(!names.iter().any(|n| n == "lm_head.weight"), "{names:?}");
+    let out = tempfile::tempdir().unwrap();
+    qdora::model::adapters::save_adapter(&m, out.path(), &cfg).unwrap();
+    let file = Checkpoint::open(&out.path().join("adapter_model.safetensors")).unwrap();
+    assert!(file.contains("base_model.model.lm_head.weight"));
+    assert!(file.contains("base_model.model.model.embed_tokens.weight"));
+    let mut m2 = base.clone();
+    qdora::model::adapters::load_adapter(&mut m2, out.path()).unwrap();
+    assert_eq!(
+        m2.logits(&ids, 2, 12).unwrap(),
+        m.logits(&ids, 2, 12).unwrap()
+    );
 }

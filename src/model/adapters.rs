@@ -113,14 +113,20 @@ fn wire(model: &mut Llama, cfg: &LoraConfig, make: &mut MakeAdapter<'_>) -> Resu
     model.train_lm_head = head;
     // PEFT wraps a module of `modules_to_save` in a copy that trains (and is saved) alone; on a
     // model whose head is tied to its embedding the other side of the tie keeps the base
-    // matrix, unless `ensure_weight_tying` asks PEFT to keep the pair tied.
+    // matrix. With `ensure_weight_tying` one shared copy trains for both sides (gradients of
+    // the embedding and of the head) and is saved under both keys.
     let keep_tied = cfg
         .extra
         .get("ensure_weight_tying")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
-    if (embed || head) && model.lm_head.is_none() && !keep_tied {
-        model.lm_head = Some(model.embed_tokens.clone());
+    if (embed || head) && model.lm_head.is_none() {
+        if keep_tied {
+            model.train_embed_tokens = true;
+            model.train_lm_head = true;
+        } else {
+            model.lm_head = Some(model.embed_tokens.clone());
+        }
     }
     Ok(n)
 }
