@@ -170,7 +170,7 @@ impl BaseWeight {
             }
             BaseWeight::Quant(q) => {
                 let out = q.rows();
-                x2.truncate(n * q.cols());
+                assert_eq!(x2.len(), n * q.cols(), "x2 shape");
                 x2.extend_from_slice(&a[..r * q.cols()]);
                 let (y, mut y2) = q.matmul_t2(x, n, &x2, n + r);
                 let awt = y2.split_off(n * out);
