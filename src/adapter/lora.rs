@@ -281,9 +281,14 @@ impl LoraAdapter {
     /// `u = x_d·Aᵀ (N, R)`.
     fn low_rank_input(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Option<Dropout>, Vec<f32>) {
         let (inp, r) = (self.in_features, self.r);
-        let dropout = (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()));
+        let dropout = self.draw_dropout(rng);
         let u = lowrank::xd_at(x, n, inp, &self.lora_a, r, dropout.as_ref());
         (dropout, u)
+    }
+
+    /// The dropout of this call, its seed drawn from `rng` when `dropout > 0`.
+    fn draw_dropout(&self, rng: &mut Rng) -> Option<Dropout> {
+        (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()))
     }
 
     /// Training forward: `y (N, out)` (no bias) and what backward needs. A dropout mask seed
@@ -323,7 +328,22 @@ impl LoraAdapter {
         factored: bool,
     ) -> (Option<Vec<f32>>, LoraSaved) {
         let (out, r, s) = (self.out_features, self.r, self.scaling);
-        let (dropout, u) = self.low_rank_input(x, n, rng);
+        let dora = self.lora_magnitude_vector.is_some() && self.w_norm_sq.is_some();
+        let dropout = self.draw_dropout(rng);
+        // PEFT's form of DoRA multiplies the dropped-out input by W as well: it is built here
+        // (with room for A's rows, see below) and `u` taken from it, without a second mask.
+        let base_dropout = dora && self.dora_dropout == DoraDropout::Peft && dropout.is_some();
+        let xd = dropout.as_ref().filter(|_| base_dropout).map(|d| {
+            let inp = self.in_features;
+            let mut xd = Vec::with_capacity((n + r) * inp);
+            xd.resize(n * inp, 0.0);
+            d.apply(x, &mut xd);
+            xd
+        });
+        let u = match &xd {
+            Some(xd) => lowrank::xd_at(xd, n, self.in_features, &self.lora_a, r, None),
+            None => lowrank::xd_at(x, n, self.in_features, &self.lora_a, r, dropout.as_ref()),
+        };
         let (Some(m), Some(w2)) = (&self.lora_magnitude_vector, &self.w_norm_sq) else {
             let mut y = base.forward(x, n);
             gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
@@ -336,19 +356,13 @@ impl LoraAdapter {
                 },
             );
         };
-        let base_dropout = self.dora_dropout == DoraDropout::Peft && dropout.is_some();
-        // PEFT's form also multiplies the dropped-out input by W: `x_d·Wᵀ` comes from the same
-        // pass over the weight as `x·Wᵀ` and `W·Aᵀ`.
-        let (mut y, xd_wt, wat) = match (&dropout, base_dropout) {
-            (Some(d), true) => {
-                let inp = self.in_features;
-                let mut xd = Vec::with_capacity((n + r) * inp);
-                xd.resize(n * inp, 0.0);
-                d.apply(x, &mut xd);
+        // `x_d·Wᵀ` (PEFT's form) from the same pass over the weight as `x·Wᵀ` and `W·Aᵀ`.
+        let (mut y, xd_wt, wat) = match xd {
+            Some(xd) => {
                 let (y, xd_wt, wat) = base.forward_pair_and_times_at(x, n, xd, &self.lora_a, r);
                 (y, Some(xd_wt), wat)
             }
-            _ => {
+            None => {
                 let (y, wat) = base.forward_and_times_at(x, n, &self.lora_a, r);
                 (y, None, wat)
             }
