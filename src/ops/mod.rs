@@ -267,6 +267,22 @@ pub unsafe fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> 
     v
 }
 
+/// Two vectors that one `fill` writes together (a kernel with two outputs), allocated as
+/// [`filled`] allocates one.
+///
+/// # Safety
+/// `fill` must write every element of both slices it is given before it returns.
+pub unsafe fn filled_pair(
+    len_a: usize,
+    len_b: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
+) -> (Vec<f32>, Vec<f32>) {
+    let mut b = Vec::new();
+    // SAFETY: `fill` writes every element of both (the caller's contract).
+    let a = unsafe { filled(len_a, |a| b = filled(len_b, |b| fill(a, b))) };
+    (a, b)
+}
+
 /// Threads to give one large matrix product (all of rayon's pool).
 pub fn threads() -> usize {
     rayon::current_num_threads()

@@ -593,6 +593,25 @@ mod tests {
         }
     }
 
+    /// Two outputs of a two-product kernel call, pre-filled with NaN so that an element the
+    /// kernel leaves unwritten shows in the comparisons.
+    fn nan_filled_pair(
+        len_a: usize,
+        len_b: usize,
+        call: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut a = vec![MaybeUninit::new(f32::NAN); len_a];
+        let mut b = vec![MaybeUninit::new(f32::NAN); len_b];
+        call(&mut a, &mut b);
+        // SAFETY: every element was initialized above (NaN) before the call wrote some.
+        unsafe {
+            (
+                a.iter().map(|v| v.assume_init()).collect(),
+                b.iter().map(|v| v.assume_init()).collect(),
+            )
+        }
+    }
+
     fn fused_matmuls_equal_dense_for(rows: usize, cols: usize, m: usize) {
         let q = Sample::new(rows, cols, QuantType::Fp4, 2);
         let x = sample(m * cols, 3);
@@ -602,22 +621,19 @@ mod tests {
         let y = unsafe { crate::ops::filled(m * rows, |y| p.matmul_t(&x, m, y)) };
         // the second product from the same tiles (DoRA's A·Wᵀ): what matmul_t gives for it
         let (m2, x2) = (3, sample(3 * cols, 5));
-        let mut y1 = vec![MaybeUninit::new(f32::NAN); m * rows];
-        let mut y2 = vec![MaybeUninit::new(f32::NAN); m2 * rows];
-        p.matmul_t2(&x, m, &mut y1, Some((&x2, m2, &mut y2)));
-        // SAFETY: initialized above (NaN), then written by matmul_t2.
-        let (y1, y2): (Vec<f32>, Vec<f32>) = unsafe {
-            (
-                y1.iter().map(|v| v.assume_init()).collect(),
-                y2.iter().map(|v| v.assume_init()).collect(),
-            )
-        };
+        let (y1, y2) = nan_filled_pair(m * rows, m2 * rows, |y1, y2| {
+            p.matmul_t2(&x, m, y1, Some((&x2, m2, y2)))
+        });
         assert_eq!(y1, y, "matmul_t2's first product is matmul_t's");
+        // row `i` of `x` times row `r` of the dequantized W, in f64
+        let xw = |x: &[f32], i: usize, r: usize| -> f64 {
+            (0..cols)
+                .map(|c| x[i * cols + c] as f64 * wd[r * cols + c] as f64)
+                .sum()
+        };
         for i in 0..m2 {
             for r in 0..rows {
-                let want: f64 = (0..cols)
-                    .map(|c| x2[i * cols + c] as f64 * wd[r * cols + c] as f64)
-                    .sum();
+                let want = xw(&x2, i, r);
                 assert!(
                     (y2[i * rows + r] as f64 - want).abs() < 1e-4,
                     "second ({i}, {r})"
@@ -628,24 +644,15 @@ mod tests {
         // the backward's second product from the same tiles (PEFT-form DoRA): the first is
         // the same to the bit, the second what the first would give for its input
         let dy2 = sample(m * rows, 6);
-        let mut dxa = vec![MaybeUninit::new(f32::NAN); m * cols];
-        let mut dxb = vec![MaybeUninit::new(f32::NAN); m * cols];
-        p.matmul(&dy, m, &mut dxa, Some((&dy2, &mut dxb)));
-        // SAFETY: initialized above (NaN), then written by matmul.
-        let (dxa, dxb): (Vec<f32>, Vec<f32>) = unsafe {
-            (
-                dxa.iter().map(|v| v.assume_init()).collect(),
-                dxb.iter().map(|v| v.assume_init()).collect(),
-            )
-        };
+        let (dxa, dxb) = nan_filled_pair(m * cols, m * cols, |dxa, dxb| {
+            p.matmul(&dy, m, dxa, Some((&dy2, dxb)))
+        });
         assert_eq!(dxa, dx, "the first backward product is matmul's alone");
         let dx2 = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy2, m, dx, None)) };
         assert_eq!(dxb, dx2, "the second backward product is matmul's alone");
         for i in 0..m {
             for r in 0..rows {
-                let want: f64 = (0..cols)
-                    .map(|c| x[i * cols + c] as f64 * wd[r * cols + c] as f64)
-                    .sum();
+                let want = xw(&x, i, r);
                 assert!((y[i * rows + r] as f64 - want).abs() < 1e-4);
             }
             for c in 0..cols {

@@ -322,16 +322,12 @@ impl QuantizedWeight {
     /// If the lengths do not match `m` and `m2`.
     pub fn matmul_t2(&self, x: &[f32], m: usize, x2: &[f32], m2: usize) -> (Vec<f32>, Vec<f32>) {
         let rows = self.rows();
-        let mut y2 = Vec::new();
         // SAFETY: the product writes every element of both outputs.
-        let y = unsafe {
-            ops::filled(m * rows, |y| {
-                y2 = ops::filled(m2 * rows, |y2| {
-                    self.view().matmul_t2(x, m, y, Some((x2, m2, y2)))
-                });
+        unsafe {
+            ops::filled_pair(m * rows, m2 * rows, |y, y2| {
+                self.view().matmul_t2(x, m, y, Some((x2, m2, y2)))
             })
-        };
-        (y, y2)
+        }
     }
 
     /// `dx = dy · W (m × in)` for `dy` of `m × out`, tiled, in a new vector.
@@ -349,16 +345,12 @@ impl QuantizedWeight {
     /// If a length does not match `m`.
     pub fn matmul2(&self, dy: &[f32], dy2: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
         let cols = self.cols();
-        let mut dx2 = Vec::new();
         // SAFETY: the product writes every element of both outputs.
-        let dx = unsafe {
-            ops::filled(m * cols, |dx| {
-                dx2 = ops::filled(m * cols, |dx2| {
-                    self.view().matmul(dy, m, dx, Some((dy2, dx2)))
-                });
+        unsafe {
+            ops::filled_pair(m * cols, m * cols, |dx, dx2| {
+                self.view().matmul(dy, m, dx, Some((dy2, dx2)))
             })
-        };
-        (dx, dx2)
+        }
     }
 
     /// The exact JSON string bitsandbytes packs into `quant_state.bitsandbytes__<type>`.
