@@ -12,6 +12,7 @@ use gemm::Parallelism;
 
 pub use candle_core::Result;
 
+pub mod bands;
 pub mod lanes;
 pub mod transpose;
 

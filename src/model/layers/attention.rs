@@ -11,11 +11,14 @@
 //! recomputes `P` one query block at a time, to the bit, in scratch that stays in cache (as
 //! FlashAttention does), for one more `Q·Kᵀ` product.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::linear::{Linear, LinearGrads, LinearSaved};
 use super::rms_norm::{RmsNorm, RmsNormSaved};
 use super::rope::Rope;
+use crate::ops::bands::Bands;
 use crate::ops::{self, Rng};
 
 /// Self-attention block of one decoder layer. Fields are named after checkpoint keys.
@@ -116,43 +119,6 @@ struct Dims {
     dh: usize,
 }
 
-/// Lays per-(sequence, group) head results out as token rows: `(b·t, groups·heads·dh)` where
-/// `part(bi·groups + g)` holds the `heads` heads of group `g` of sequence `bi`, each `t × dh`.
-/// Sequences fill in parallel; every element is written once, with no zeroing pass first.
-fn scatter_heads<'a>(
-    b: usize,
-    t: usize,
-    dh: usize,
-    groups: usize,
-    heads: usize,
-    part: impl Fn(usize) -> &'a [f32] + Sync,
-) -> Vec<f32> {
-    let width = groups * heads * dh;
-    // SAFETY: each sequence's `t` rows are split into rows of `width`, and the loops over
-    // `g < groups` and `gi < heads` write columns `(g·heads + gi)·dh ..+ dh`, i.e. all of them.
-    unsafe {
-        ops::filled(b * t * width, |dst| {
-            dst.par_chunks_mut(t * width)
-                .enumerate()
-                .for_each(|(bi, rows)| {
-                    for g in 0..groups {
-                        let p = part(bi * groups + g);
-                        assert_eq!(p.len(), heads * t * dh, "head part shape");
-                        for (i, row) in rows.chunks_mut(width).enumerate() {
-                            for gi in 0..heads {
-                                let col = (g * heads + gi) * dh;
-                                let src = &p[(gi * t + i) * dh..(gi * t + i + 1) * dh];
-                                for (d, &v) in row[col..col + dh].iter_mut().zip(src) {
-                                    d.write(v);
-                                }
-                            }
-                        }
-                    }
-                })
-        })
-    }
-}
-
 impl Attention {
     fn dims(&self) -> Dims {
         Dims {
@@ -166,18 +132,18 @@ impl Attention {
     /// absolute position `pos0 + i`) over keys `0..tk`, into `sb` ((q1 − q0) × tk): one product
     /// `Q·Kᵀ` over the keys the block can see (causal; columns past them and outside a sliding
     /// window are set to 0), then the row softmax, fresh or replayed from saved statistics.
-    /// Returns how many key columns (`kend`) the block spans.
+    /// Returns the block, every element written, and how many key columns (`kend`) it spans.
     #[allow(clippy::too_many_arguments)]
-    fn probabilities(
+    fn probabilities<'s>(
         &self,
         q: &[f32],
         k: &[f32],
         (bi, hi): (usize, usize),
         (tq, tk, pos0): (usize, usize, usize),
         (q0, q1): (usize, usize),
-        sb: &mut [f32],
+        sb: &'s mut [MaybeUninit<f32>],
         softmax: Softmax<'_>,
-    ) -> usize {
+    ) -> (&'s mut [f32], usize) {
         let Dims { h, hkv, dh } = self.dims();
         let scale = 1.0 / (dh as f32).sqrt();
         let (qs, ks) = (h * dh, hkv * dh);
@@ -186,13 +152,12 @@ impl Attention {
         let kend = (pos0 + q1).min(tk);
         let rows = q1 - q0;
         assert_eq!(sb.len(), rows * tk, "probability block shape");
-        ops::gemm(
+        ops::gemm_write(
             rows,
             kend,
             dh,
             sb,
             tk,
-            false,
             &q[qo + q0 * qs..],
             qs,
             1,
@@ -201,6 +166,13 @@ impl Attention {
             ks,
             1,
         );
+        for row in sb.chunks_mut(tk) {
+            row[kend..].iter_mut().for_each(|x| {
+                x.write(0.0);
+            });
+        }
+        // SAFETY: the product wrote columns `..kend` of every row and the loop the rest.
+        let sb = unsafe { std::slice::from_raw_parts_mut(sb.as_mut_ptr().cast::<f32>(), sb.len()) };
         let mut softmax = softmax;
         for (i, row) in sb.chunks_mut(tk).enumerate() {
             let p = pos0 + q0 + i;
@@ -214,7 +186,7 @@ impl Attention {
                 Softmax::Replay(st) => ops::softmax_replay(live, scale, st[i]),
             }
         }
-        kend
+        (sb, kend)
     }
 
     /// Scaled-dot-product attention for `b` sequences of `tq` queries over `tk` keys, where
@@ -234,62 +206,59 @@ impl Attention {
         keep_probs: bool,
     ) -> (Vec<f32>, Vec<[f32; 2]>, Vec<f32>) {
         let Dims { h, hkv, dh } = self.dims();
-        let ks = hkv * dh;
+        let (qs, ks) = (h * dh, hkv * dh);
         let mut stats = vec![[0f32; 2]; b * h * tq];
-        // One (batch row, head): its probabilities in `s`, the whole head's (`tq × tk`, kept)
-        // or one query block's at a time (scratch); returns its context.
-        let head = |bh: usize, st: &mut [[f32; 2]], s: &mut [f32]| -> Vec<f32> {
-            let (bi, hi) = (bh / h, bh % h);
-            let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
-            let whole = s.len() == tq * tk;
-            let mut o = vec![0f32; tq * dh];
-            for q0 in (0..tq).step_by(QUERY_BLOCK) {
-                let q1 = (q0 + QUERY_BLOCK).min(tq);
-                let sb = if whole {
-                    &mut s[q0 * tk..q1 * tk]
-                } else {
-                    &mut s[..(q1 - q0) * tk]
+        let kept_len = if keep_probs { b * h * tq * tk } else { 0 };
+        // SAFETY: head `hi` of sequence `bi` writes columns `hi·dh..+dh` of rows `bi·tq..+tq`
+        // (every query block, without accumulating); the heads of all sequences cover `ctx`.
+        // With `keep_probs`, each head's query blocks write all of its `tq × tk` probabilities.
+        let (ctx, probs) = unsafe {
+            ops::filled_pair(b * tq * qs, kept_len, |dst, probs| {
+                let ctx = Bands::uninit(dst);
+                // One (batch row, head): its probabilities in `s`, the whole head's (`tq × tk`,
+                // kept) or one query block's at a time (scratch); its context into `ctx`.
+                let head = |bh: usize, st: &mut [[f32; 2]], s: &mut [MaybeUninit<f32>]| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
+                    let whole = s.len() == tq * tk;
+                    for q0 in (0..tq).step_by(QUERY_BLOCK) {
+                        let q1 = (q0 + QUERY_BLOCK).min(tq);
+                        let sb = if whole {
+                            &mut s[q0 * tk..q1 * tk]
+                        } else {
+                            &mut s[..(q1 - q0) * tk]
+                        };
+                        let fresh = Softmax::Fresh(&mut st[q0..q1]);
+                        let blk = (q0, q1);
+                        let (sb, kend) =
+                            self.probabilities(q, k, (bi, hi), (tq, tk, pos0), blk, sb, fresh);
+                        let at = (bi * tq + q0) * qs + hi * dh;
+                        // this head's block of this query block's rows (see SAFETY above)
+                        ctx.gemm(
+                            at,
+                            (q1 - q0, dh, kend),
+                            qs,
+                            false,
+                            (sb, tk, 1),
+                            (&v[vo..], ks, 1),
+                        );
+                    }
                 };
-                let fresh = Softmax::Fresh(&mut st[q0..q1]);
-                let kend = self.probabilities(q, k, (bi, hi), (tq, tk, pos0), (q0, q1), sb, fresh);
-                ops::gemm(
-                    q1 - q0,
-                    dh,
-                    kend,
-                    &mut o[q0 * dh..],
-                    dh,
-                    false,
-                    sb,
-                    tk,
-                    1,
-                    &v[vo..],
-                    ks,
-                    1,
-                    1,
-                );
-            }
-            o
+                if keep_probs {
+                    stats
+                        .par_chunks_mut(tq)
+                        .zip(probs.par_chunks_mut(tq * tk))
+                        .enumerate()
+                        .for_each(|(bh, (st, s))| head(bh, st, s));
+                } else {
+                    // scratch for one query block, reused across tasks
+                    stats.par_chunks_mut(tq).enumerate().for_each_init(
+                        || vec![MaybeUninit::uninit(); QUERY_BLOCK.min(tq) * tk],
+                        |s, (bh, st)| head(bh, st, s),
+                    );
+                }
+            })
         };
-        let mut probs = vec![0f32; if keep_probs { b * h * tq * tk } else { 0 }];
-        let outs: Vec<Vec<f32>> = if keep_probs {
-            stats
-                .par_chunks_mut(tq)
-                .zip(probs.par_chunks_mut(tq * tk))
-                .enumerate()
-                .map(|(bh, (st, s))| head(bh, st, s))
-                .collect()
-        } else {
-            // scratch for one query block, reused across tasks
-            stats
-                .par_chunks_mut(tq)
-                .enumerate()
-                .map_init(
-                    || vec![0f32; QUERY_BLOCK.min(tq) * tk],
-                    |s, (bh, st)| head(bh, st, s),
-                )
-                .collect()
-        };
-        let ctx = scatter_heads(b, tq, dh, h, 1, |bh| &outs[bh]);
         (ctx, stats, probs)
     }
 
@@ -437,112 +406,103 @@ impl Attention {
         let (qs, ks) = (h * dh, hkv * dh);
         let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx, dy, n);
         drop(ctx);
-        // Per (batch row, kv group): dq for its heads, dk and dv of the group. Without kept
-        // probabilities, each query block's are recomputed into scratch `p` (reused across
-        // tasks).
-        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
-            .into_par_iter()
-            .map_init(
-                || {
-                    (
-                        vec![0f32; QUERY_BLOCK.min(t) * t],
-                        vec![0f32; QUERY_BLOCK.min(t) * t],
-                    )
-                },
-                |(p, dp), bg| {
-                    let (bi, g) = (bg / hkv, bg % hkv);
-                    let ko = bi * t * ks + g * dh;
-                    let mut dk = vec![0f32; t * dh];
-                    let mut dv = vec![0f32; t * dh];
-                    let mut dq = vec![0f32; group * t * dh];
-                    for (gi, hi) in (g * group..(g + 1) * group).enumerate() {
-                        let qo = bi * t * qs + hi * dh;
-                        let head = (bi * h + hi) * t;
-                        let dqh = &mut dq[gi * t * dh..(gi + 1) * t * dh];
-                        for q0 in (0..t).step_by(QUERY_BLOCK) {
-                            let q1 = (q0 + QUERY_BLOCK).min(t);
-                            let rows = q1 - q0;
-                            // query block q0..q1 sees keys 0..q1 (causal)
-                            let kend = q1;
-                            let pb: &[f32] = match &probs {
-                                Probs::Kept(all) => &all[(head + q0) * t..(head + q1) * t],
-                                Probs::Stats(st) => {
-                                    let pb = &mut p[..rows * t];
-                                    let st = Softmax::Replay(&st[head + q0..head + q1]);
-                                    let blk = (q0, q1);
-                                    self.probabilities(&q, &k, (bi, hi), (t, t, 0), blk, pb, st);
-                                    pb
+        // Per (batch row, kv group), in parallel: dq of its heads, dk and dv of the group, each
+        // written straight into its columns of the token rows. Without kept probabilities, each
+        // query block's are recomputed into scratch `p` (reused across tasks).
+        let mut dk = vec![0f32; n * ks];
+        let mut dv = vec![0f32; n * ks];
+        let (dk_all, dv_all) = (Bands::new(&mut dk), Bands::new(&mut dv));
+        // SAFETY: the task of (sequence bi, group g) alone writes rows `bi·t..+t` of columns
+        // `g·dh..+dh` of `dk`/`dv` and of the columns of its heads `hi·dh..+dh` of `dq`; each
+        // head's query blocks write every row of its `dq` columns once, without accumulating.
+        let mut dq = unsafe {
+            ops::filled(n * qs, |dst| {
+                let dq_all = Bands::uninit(dst);
+                (0..b * hkv).into_par_iter().for_each_init(
+                    || {
+                        (
+                            vec![MaybeUninit::uninit(); QUERY_BLOCK.min(t) * t],
+                            vec![0f32; QUERY_BLOCK.min(t) * t],
+                        )
+                    },
+                    |(p, dp), bg| {
+                        let (bi, g) = (bg / hkv, bg % hkv);
+                        let ko = bi * t * ks + g * dh;
+                        for hi in g * group..(g + 1) * group {
+                            let qo = bi * t * qs + hi * dh;
+                            let head = (bi * h + hi) * t;
+                            for q0 in (0..t).step_by(QUERY_BLOCK) {
+                                let q1 = (q0 + QUERY_BLOCK).min(t);
+                                let rows = q1 - q0;
+                                // query block q0..q1 sees keys 0..q1 (causal)
+                                let kend = q1;
+                                let pb: &[f32] = match &probs {
+                                    Probs::Kept(all) => &all[(head + q0) * t..(head + q1) * t],
+                                    Probs::Stats(st) => {
+                                        let pb = &mut p[..rows * t];
+                                        let st = Softmax::Replay(&st[head + q0..head + q1]);
+                                        let (hd, blk) = ((bi, hi), (q0, q1));
+                                        self.probabilities(&q, &k, hd, (t, t, 0), blk, pb, st).0
+                                    }
+                                };
+                                let dpb = &mut dp[..rows * t];
+                                let dob = &dctx[qo + q0 * qs..];
+                                // dV += Pᵀ·dO
+                                dv_all.gemm(
+                                    bi * t * ks + g * dh,
+                                    (kend, dh, rows),
+                                    ks,
+                                    true,
+                                    (pb, 1, t),
+                                    (dob, qs, 1),
+                                );
+                                // dP = dO·Vᵀ
+                                ops::gemm(
+                                    rows,
+                                    kend,
+                                    dh,
+                                    dpb,
+                                    t,
+                                    false,
+                                    dob,
+                                    qs,
+                                    1,
+                                    &v[ko..],
+                                    1,
+                                    ks,
+                                    1,
+                                );
+                                for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
+                                    let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
+                                    let dot = ops::dot(pr, dr);
+                                    for (d, &pp) in dr.iter_mut().zip(pr) {
+                                        *d = pp * (*d - dot) * scale;
+                                    }
                                 }
-                            };
-                            let dpb = &mut dp[..rows * t];
-                            let dob = &dctx[qo + q0 * qs..];
-                            // dV += Pᵀ·dO
-                            ops::gemm(kend, dh, rows, &mut dv, dh, true, pb, 1, t, dob, qs, 1, 1);
-                            // dP = dO·Vᵀ
-                            ops::gemm(
-                                rows,
-                                kend,
-                                dh,
-                                dpb,
-                                t,
-                                false,
-                                dob,
-                                qs,
-                                1,
-                                &v[ko..],
-                                1,
-                                ks,
-                                1,
-                            );
-                            for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
-                                let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
-                                let dot = ops::dot(pr, dr);
-                                for (d, &pp) in dr.iter_mut().zip(pr) {
-                                    *d = pp * (*d - dot) * scale;
-                                }
+                                // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
+                                dq_all.gemm(
+                                    qo + q0 * qs,
+                                    (rows, dh, kend),
+                                    qs,
+                                    false,
+                                    (dpb, t, 1),
+                                    (&k[ko..], ks, 1),
+                                );
+                                dk_all.gemm(
+                                    bi * t * ks + g * dh,
+                                    (kend, dh, rows),
+                                    ks,
+                                    true,
+                                    (dpb, 1, t),
+                                    (&q[qo + q0 * qs..], qs, 1),
+                                );
                             }
-                            // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
-                            ops::gemm(
-                                rows,
-                                dh,
-                                kend,
-                                &mut dqh[q0 * dh..],
-                                dh,
-                                false,
-                                dpb,
-                                t,
-                                1,
-                                &k[ko..],
-                                ks,
-                                1,
-                                1,
-                            );
-                            ops::gemm(
-                                kend,
-                                dh,
-                                rows,
-                                &mut dk,
-                                dh,
-                                true,
-                                dpb,
-                                1,
-                                t,
-                                &q[qo + q0 * qs..],
-                                qs,
-                                1,
-                                1,
-                            );
                         }
-                    }
-                    (dq, dk, dv)
-                },
-            )
-            .collect();
+                    },
+                )
+            })
+        };
         drop(probs);
-        let mut dq = scatter_heads(b, t, dh, hkv, group, |bg| &parts[bg].0);
-        let mut dk = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].1);
-        let dv = scatter_heads(b, t, dh, hkv, 1, |bg| &parts[bg].2);
-        drop(parts);
         rope.apply(&mut dq, h, |i| i % t, true);
         rope.apply(&mut dk, hkv, |i| i % t, true);
         let mut grads = AttentionGrads {
@@ -588,6 +548,167 @@ mod tests {
         let mut l = Linear::new(BaseWeight::Dense { w, out, inp }, None);
         l.train_weight = true;
         l
+    }
+
+    /// Plain f64 attention (HF Llama's formulas, no blocks, no shared buffers) over dense
+    /// projections without bias: `y` (b·t, d) for `x` (b·t, d).
+    fn plain(attn: &Attention, x: &[f64], b: usize, t: usize) -> Vec<f64> {
+        let Dims { h, hkv, dh } = attn.dims();
+        let w = |l: &Linear| match &l.weight {
+            BaseWeight::Dense { w, out, inp } => (w.clone(), *out, *inp),
+            _ => unreachable!("dense test weights"),
+        };
+        let proj = |l: &Linear, x: &[f64]| {
+            let (w, out, inp) = w(l);
+            let n = x.len() / inp;
+            let mut y = vec![0f64; n * out];
+            for i in 0..n {
+                for o in 0..out {
+                    y[i * out + o] = (0..inp)
+                        .map(|j| x[i * inp + j] * w[o * inp + j] as f64)
+                        .sum();
+                }
+            }
+            y
+        };
+        let rope = |v: &mut [f64], heads: usize| {
+            let half = dh / 2;
+            for (row, chunk) in v.chunks_mut(heads * dh).enumerate() {
+                let pos = (row % t) as f64;
+                for hd in chunk.chunks_mut(dh) {
+                    for i in 0..half {
+                        let ang = pos / 10000f64.powf((2 * i) as f64 / dh as f64);
+                        let (a, c) = (hd[i], hd[i + half]);
+                        hd[i] = a * ang.cos() - c * ang.sin();
+                        hd[i + half] = c * ang.cos() + a * ang.sin();
+                    }
+                }
+            }
+        };
+        let (mut q, mut k, v) = (
+            proj(&attn.q_proj, x),
+            proj(&attn.k_proj, x),
+            proj(&attn.v_proj, x),
+        );
+        rope(&mut q, h);
+        rope(&mut k, hkv);
+        let mut ctx = vec![0f64; b * t * h * dh];
+        for bi in 0..b {
+            for hi in 0..h {
+                let g = hi / (h / hkv);
+                for i in 0..t {
+                    let qi = &q[(bi * t + i) * h * dh + hi * dh..][..dh];
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            let kj = &k[(bi * t + j) * hkv * dh + g * dh..][..dh];
+                            qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f64>() / (dh as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (j, ej) in e.iter().enumerate() {
+                        let vj = &v[(bi * t + j) * hkv * dh + g * dh..][..dh];
+                        let out = &mut ctx[(bi * t + i) * h * dh + hi * dh..][..dh];
+                        for (o, vv) in out.iter_mut().zip(vj) {
+                            *o += ej / z * vv;
+                        }
+                    }
+                }
+            }
+        }
+        proj(&attn.o_proj, &ctx)
+    }
+
+    /// The blocked, parallel forward (heads written straight into their columns) equals a
+    /// plain f64 attention, and its backward — input gradient and every projection's weight
+    /// gradient — equals central differences of that plain attention; over two sequences, two
+    /// query blocks (one partial), grouped heads, with probabilities kept and recomputed.
+    #[test]
+    fn matches_a_plain_attention_and_its_finite_differences() {
+        let (d, h, hkv, dh, b, t) = (16, 4, 2, 8, 2, QUERY_BLOCK + 37);
+        let mut rng = Rng::new(21);
+        let mut attn = Attention {
+            q_proj: dense(h * dh, d, &mut rng),
+            k_proj: dense(hkv * dh, d, &mut rng),
+            v_proj: dense(hkv * dh, d, &mut rng),
+            o_proj: dense(d, h * dh, &mut rng),
+            q_norm: None,
+            k_norm: None,
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: dh,
+            sliding_window: None,
+        };
+        let mut rope = Rope::new(dh, 10000.0, RopeScaling::Default);
+        rope.ensure(t);
+        let x: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+        let r: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        // the scalar checked: L = Σ y ⊙ r, so dL/dy = r
+        let loss = |a: &Attention, x: &[f64]| -> f64 {
+            plain(a, x, b, t)
+                .iter()
+                .zip(&r)
+                .map(|(y, &r)| y * r as f64)
+                .sum()
+        };
+        let want = plain(&attn, &x64, b, t);
+        for keep in [true, false] {
+            let (y, saved) = attn.forward_train(&x, b, t, &rope, &mut Rng::new(1), keep);
+            for (i, (&got, &w)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "y[{i}] {got} vs {w}"
+                );
+            }
+            let (dx, g) = attn.backward(saved, &x, &r, &rope, true);
+            let dx = dx.expect("dx asked for");
+            let eps = 1e-3;
+            let close = |name: &str, got: f32, num: f64| {
+                let tol = 1e-3 * (1.0 + num.abs());
+                assert!(
+                    (got as f64 - num).abs() < tol,
+                    "{name} (keep {keep}): {got} vs {num}"
+                );
+            };
+            // inputs of both sequences, in the first and the second query block
+            for &(bi, i, j) in &[
+                (0, 3, 1),
+                (0, QUERY_BLOCK + 20, 7),
+                (1, 0, 0),
+                (1, t - 1, 15),
+            ] {
+                let at = (bi * t + i) * d + j;
+                let (mut xp, mut xm) = (x64.clone(), x64.clone());
+                xp[at] += eps;
+                xm[at] -= eps;
+                let num = (loss(&attn, &xp) - loss(&attn, &xm)) / (2.0 * eps);
+                close(&format!("dx[{at}]"), dx[at], num);
+            }
+            let grads = [g.q_proj, g.k_proj, g.v_proj, g.o_proj];
+            for (p, lg) in grads.iter().enumerate() {
+                let dw = lg.d_weight.as_ref().expect("dense weights train");
+                for idx in [0, dw.len() / 2 + 3, dw.len() - 1] {
+                    let bump = |a: &mut Attention, by: f32| {
+                        let l = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
+                        let l = l.into_iter().nth(p).expect("four projections");
+                        if let BaseWeight::Dense { w, .. } = &mut l.weight {
+                            w[idx] += by;
+                        }
+                    };
+                    // f32 weights: a step that is exact in f32, measured in f64
+                    let h32 = 1.0 / 512.0f32;
+                    bump(&mut attn, h32);
+                    let lp = loss(&attn, &x64);
+                    bump(&mut attn, -2.0 * h32);
+                    let lm = loss(&attn, &x64);
+                    bump(&mut attn, h32);
+                    let num = (lp - lm) / (2.0 * h32 as f64);
+                    close(&format!("projection {p} d_weight[{idx}]"), dw[idx], num);
+                }
+            }
+        }
     }
 
     /// Backward from recomputed probabilities (statistics only) equals backward from kept
