@@ -447,15 +447,15 @@ impl Attention {
                                 };
                                 let dpb = &mut dp[..rows * t];
                                 let dob = &dctx[qo + q0 * qs..];
+                                // `dst += lhsᵀ·rhs` into the group's key rows (dK, dV): summed
+                                // over the group's heads and query blocks
+                                let add_kv = |dst: &Bands, lhs: &[f32], rhs: (&[f32], usize)| {
+                                    let at = bi * t * ks + g * dh;
+                                    let rhs = (rhs.0, rhs.1, 1);
+                                    dst.gemm(at, (kend, dh, rows), ks, true, (lhs, 1, t), rhs)
+                                };
                                 // dV += Pᵀ·dO
-                                dv_all.gemm(
-                                    bi * t * ks + g * dh,
-                                    (kend, dh, rows),
-                                    ks,
-                                    true,
-                                    (pb, 1, t),
-                                    (dob, qs, 1),
-                                );
+                                add_kv(&dv_all, pb, (dob, qs));
                                 // dP = dO·Vᵀ
                                 ops::gemm(
                                     rows,
@@ -488,14 +488,7 @@ impl Attention {
                                     (dpb, t, 1),
                                     (&k[ko..], ks, 1),
                                 );
-                                dk_all.gemm(
-                                    bi * t * ks + g * dh,
-                                    (kend, dh, rows),
-                                    ks,
-                                    true,
-                                    (dpb, 1, t),
-                                    (&q[qo + q0 * qs..], qs, 1),
-                                );
+                                add_kv(&dk_all, dpb, (&q[qo + q0 * qs..], qs));
                             }
                         }
                     },
@@ -548,6 +541,27 @@ mod tests {
         let mut l = Linear::new(BaseWeight::Dense { w, out, inp }, None);
         l.train_weight = true;
         l
+    }
+
+    /// Attention over width `d` with 4 heads of 8 in 2 groups, dense trainable projections,
+    /// and RoPE tables for `t` positions.
+    fn grouped(d: usize, t: usize, window: Option<usize>, rng: &mut Rng) -> (Attention, Rope) {
+        let (h, hkv, dh) = (4, 2, 8);
+        let attn = Attention {
+            q_proj: dense(h * dh, d, rng),
+            k_proj: dense(hkv * dh, d, rng),
+            v_proj: dense(hkv * dh, d, rng),
+            o_proj: dense(d, h * dh, rng),
+            q_norm: None,
+            k_norm: None,
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: dh,
+            sliding_window: window,
+        };
+        let mut rope = Rope::new(dh, 10000.0, RopeScaling::Default);
+        rope.ensure(t);
+        (attn, rope)
     }
 
     /// Plain f64 attention (HF Llama's formulas, no blocks, no shared buffers) over dense
@@ -626,22 +640,9 @@ mod tests {
     /// query blocks (one partial), grouped heads, with probabilities kept and recomputed.
     #[test]
     fn matches_a_plain_attention_and_its_finite_differences() {
-        let (d, h, hkv, dh, b, t) = (16, 4, 2, 8, 2, QUERY_BLOCK + 37);
+        let (d, b, t) = (16, 2, QUERY_BLOCK + 37);
         let mut rng = Rng::new(21);
-        let mut attn = Attention {
-            q_proj: dense(h * dh, d, &mut rng),
-            k_proj: dense(hkv * dh, d, &mut rng),
-            v_proj: dense(hkv * dh, d, &mut rng),
-            o_proj: dense(d, h * dh, &mut rng),
-            q_norm: None,
-            k_norm: None,
-            num_heads: h,
-            num_kv_heads: hkv,
-            head_dim: dh,
-            sliding_window: None,
-        };
-        let mut rope = Rope::new(dh, 10000.0, RopeScaling::Default);
-        rope.ensure(t);
+        let (mut attn, rope) = grouped(d, t, None, &mut rng);
         let x: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
         let r: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
@@ -716,23 +717,10 @@ mod tests {
     /// with a sliding window.
     #[test]
     fn recomputed_probabilities_give_the_kept_gradients_to_the_bit() {
-        let (d, h, hkv, dh, b, t) = (16, 4, 2, 8, 2, QUERY_BLOCK * 2 + 37);
+        let (d, b, t) = (16, 2, QUERY_BLOCK * 2 + 37);
         for window in [None, Some(50)] {
             let mut rng = Rng::new(13);
-            let attn = Attention {
-                q_proj: dense(h * dh, d, &mut rng),
-                k_proj: dense(hkv * dh, d, &mut rng),
-                v_proj: dense(hkv * dh, d, &mut rng),
-                o_proj: dense(d, h * dh, &mut rng),
-                q_norm: None,
-                k_norm: None,
-                num_heads: h,
-                num_kv_heads: hkv,
-                head_dim: dh,
-                sliding_window: window,
-            };
-            let mut rope = Rope::new(dh, 10000.0, RopeScaling::Default);
-            rope.ensure(t);
+            let (attn, rope) = grouped(d, t, window, &mut rng);
             let x: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
             let dy: Vec<f32> = (0..b * t * d).map(|_| rng.normal()).collect();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
