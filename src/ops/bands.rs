@@ -57,7 +57,6 @@ impl<'a> Bands<'a> {
     /// # Panics
     /// If the block lies outside the buffer, if an operand is too short for its shape, or if
     /// `accumulate` is asked of a view of uninitialized memory.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         &self,
         offset: usize,

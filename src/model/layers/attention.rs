@@ -179,7 +179,9 @@ impl Attention {
             let lo = self.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
             let hi_ = (p + 1).min(tk);
             row[..lo].fill(0.0);
-            row[hi_..].fill(0.0);
+            // columns from `kend` on were zeroed above (`hi_ <= kend`: a query sees no key past
+            // its block's last)
+            row[hi_..kend].fill(0.0);
             let live = &mut row[lo..hi_];
             match &mut softmax {
                 Softmax::Fresh(st) => st[i] = ops::softmax_scaled(live, scale),
