@@ -248,8 +248,12 @@ pub struct TrainLine {
     pub tokens_per_s: f64,
     /// Model FLOPs per second (4NT or 6NT, plus attention; recomputation not counted).
     pub gflops: f64,
-    /// f32 matmul GFLOP/s (2048³) measured just before, in this process.
+    /// f32 matmul GFLOP/s (2048³) in this process: the higher of the readings just before and
+    /// just after the timed steps, so that a slow moment of a shared machine during one reading
+    /// does not inflate the MFU.
     pub ceiling_gflops: f64,
+    /// The two readings `[before, after]` behind `ceiling_gflops`.
+    pub ceiling_readings: [f64; 2],
     /// gflops / ceiling_gflops.
     pub mfu: f64,
     /// Peak resident memory of the process.
@@ -303,7 +307,7 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         lr: 1e-4,
         ..Default::default()
     };
-    let ceiling = ops::matmul_ceiling_gflops(2048, 3);
+    let ceiling_before = ops::matmul_ceiling_gflops(2048, 3);
     let mut model: Llama = match random::preset(&o.source) {
         Some(c) => {
             let q = o
@@ -339,6 +343,9 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
             break;
         }
     }
+    let peak_rss_mib = ops::peak_rss_mib();
+    let ceiling_after = ops::matmul_ceiling_gflops(2048, 3);
+    let ceiling = ceiling_before.max(ceiling_after);
     times.sort_by(|a, b| a.total_cmp(b));
     let step_s = times[times.len() / 2];
     let per_token = if o.mode == Mode::Full { 6.0 } else { 4.0 };
@@ -360,8 +367,9 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         tokens_per_s: t as f64 / step_s,
         gflops,
         ceiling_gflops: ceiling,
+        ceiling_readings: [ceiling_before, ceiling_after],
         mfu: gflops / ceiling,
-        peak_rss_mib: ops::peak_rss_mib(),
+        peak_rss_mib,
         gradient_checkpointing: o.gradient_checkpointing,
         batch: format!("{}x{}", o.batch_size, o.seq_len),
         lora_dropout: o.lora_dropout,

@@ -258,3 +258,52 @@ fn merging_a_qdora_adapter_uses_the_nf4_base_it_was_trained_on() {
     let diff = max_diff(&got, &want);
     assert!(diff < 1e-4, "merged vs unmerged logits differ by {diff}");
 }
+
+/// `bench train` prints one JSON line with issue 6's fields, and its figures agree with each
+/// other: the ceiling is the higher of its two readings and MFU is achieved over ceiling.
+#[test]
+fn bench_train_prints_consistent_figures() {
+    let (ok, out, err) = qdora(&[
+        "bench",
+        "train",
+        "--mode",
+        "qdora",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--steps",
+        "2",
+        "--gradient-checkpointing",
+    ]);
+    assert!(ok, "{err}");
+    let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    let f = |k: &str| line[k].as_f64().unwrap_or_else(|| panic!("{k} in {line}"));
+    for k in [
+        "params_matmul",
+        "step_s",
+        "tokens_per_s",
+        "gflops",
+        "ceiling_gflops",
+        "mfu",
+        "peak_rss_mib",
+    ] {
+        assert!(f(k) > 0.0, "{k} in {line}");
+    }
+    assert_eq!(line["mode"], "qdora");
+    assert_eq!(line["gradient_checkpointing"], true);
+    assert_eq!(f("tokens_per_step"), 64.0);
+    let readings = line["ceiling_readings"].as_array().expect("two readings");
+    let r: Vec<f64> = readings.iter().filter_map(|v| v.as_f64()).collect();
+    assert_eq!(r.len(), 2, "{line}");
+    assert_eq!(f("ceiling_gflops"), r[0].max(r[1]));
+    assert!((f("mfu") - f("gflops") / f("ceiling_gflops")).abs() < 1e-12);
+    assert!((f("tokens_per_s") - 64.0 / f("step_s")).abs() < 1e-6 * f("tokens_per_s"));
+    assert!(f("loss").is_finite());
+    let (ok, _, err) = qdora(&["bench", "train", "--preset", "stories260K"]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown --preset \"stories260K\"") && err.contains("llama-small-1024"),
+        "{err}"
+    );
+}

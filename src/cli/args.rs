@@ -299,7 +299,8 @@ pub struct BenchArgs {
     /// Model folder (train).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Preset (train): llama-tiny-512, llama-small-1024, llama2-7b, stories260K.
+    /// Random-initialised preset (train): llama-tiny-512, llama-small-1024, llama-1024-8l,
+    /// llama2-7b; without --preset and --model, the bundled stories260K.
     #[arg(long)]
     pub preset: Option<String>,
     /// Mode (train).

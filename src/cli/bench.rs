@@ -10,6 +10,10 @@ use crate::bench;
 /// The preset name, the model folder, or the bundled model.
 fn source(a: &BenchArgs) -> Result<String> {
     Ok(match (&a.preset, &a.model) {
+        (Some(p), _) if crate::model::random::preset(p).is_none() => anyhow::bail!(
+            "unknown --preset {p:?}: expected one of {} (or --model DIR)",
+            crate::model::random::PRESETS.join(", ")
+        ),
         (Some(p), _) => p.clone(),
         (None, Some(m)) => m.display().to_string(),
         (None, None) => super::model_dir(None)?.display().to_string(),

@@ -10,6 +10,14 @@ use crate::adapter::BaseWeight;
 use crate::ops::Rng;
 use crate::quant::{Dtype, QuantizeOptions, QuantizedWeight};
 
+/// Names [`preset`] knows.
+pub const PRESETS: [&str; 4] = [
+    "llama-tiny-512",
+    "llama-small-1024",
+    "llama-1024-8l",
+    "llama2-7b",
+];
+
 /// Named shapes used by benchmarks.
 pub fn preset(name: &str) -> Option<LlamaConfig> {
     let (d, f, l, h, kv, v) = match name {
@@ -96,4 +104,18 @@ pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed
     let head = fill(v * d, 0.02, &next());
     let norm = RmsNorm::new(vec![1.0; d], c.rms_norm_eps);
     Llama::assemble(config, embed, layers, norm, Some(head), 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_preset_has_a_shape() {
+        for name in PRESETS {
+            let c = preset(name).unwrap_or_else(|| panic!("{name}"));
+            assert!(c.hidden_size > 0 && c.num_hidden_layers > 0, "{name}");
+        }
+        assert!(preset("stories260K").is_none());
+    }
 }
