@@ -449,12 +449,12 @@ impl Attention {
                                 };
                                 let dpb = &mut dp[..rows * t];
                                 let dob = &dctx[qo + q0 * qs..];
-                                // `dst += lhsᵀ·rhs` into the group's key rows (dK, dV): summed
-                                // over the group's heads and query blocks
+                                // `dst += lhsᵀ·rhs` into the group's key rows (dK, dV, laid
+                                // out as K: the block starts at `ko`): summed over the group's
+                                // heads and query blocks
                                 let add_kv = |dst: &Bands, lhs: &[f32], rhs: (&[f32], usize)| {
-                                    let at = bi * t * ks + g * dh;
                                     let rhs = (rhs.0, rhs.1, 1);
-                                    dst.gemm(at, (kend, dh, rows), ks, true, (lhs, 1, t), rhs)
+                                    dst.gemm(ko, (kend, dh, rows), ks, true, (lhs, 1, t), rhs)
                                 };
                                 // dV += Pᵀ·dO
                                 add_kv(&dv_all, pb, (dob, qs));
