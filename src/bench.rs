@@ -393,9 +393,16 @@ pub struct GenerateLine {
     pub decode_tokens: usize,
     /// Decode tokens per second.
     pub decode_tokens_per_s: f64,
+    /// The matmul weights as stored (the blocks' linears and the head), which every decoded
+    /// token reads once.
+    pub weight_mib: f64,
+    /// `weight_mib` read per second while decoding (GB/s): decoding is bound by it.
+    pub decode_weight_gb_per_s: f64,
 }
 
-/// Prefill and KV-cached decode speed of a model (a folder or a preset), f32 and NF4.
+/// Prefill and KV-cached decode speed of a model (a folder or a preset), one line per base
+/// in `nf4` (`false`: as stored, f32 for a preset; `true`: quantized to NF4 on load — the only
+/// way a `llama2-7b` preset fits in memory).
 ///
 /// # Errors
 /// Model loading errors.
@@ -403,9 +410,10 @@ pub fn generate(
     source: &str,
     prefill: usize,
     decode: usize,
+    nf4: &[bool],
 ) -> crate::model::Result<Vec<GenerateLine>> {
     let mut out = Vec::new();
-    for nf4 in [false, true] {
+    for &nf4 in nf4 {
         let q = nf4.then(QuantizeOptions::default);
         let mut model = match random::preset(source) {
             Some(c) => random::random_model(c, q, 0),
@@ -448,6 +456,8 @@ pub fn generate(
             prefill_tokens_per_s: n as f64 / prefill_s,
             decode_tokens: decode,
             decode_tokens_per_s: decode as f64 / decode_s,
+            weight_mib: model.matmul_weight_bytes() as f64 / (1024.0 * 1024.0),
+            decode_weight_gb_per_s: (model.matmul_weight_bytes() * decode) as f64 / decode_s / 1e9,
         });
     }
     Ok(out)

@@ -307,3 +307,30 @@ fn bench_train_prints_consistent_figures() {
         "{err}"
     );
 }
+
+/// `bench generate` prints one line per base asked for, with the weight bandwidth consistent
+/// with the decode speed; an unknown `--weights` is an error naming the choices.
+#[test]
+fn bench_generate_prints_one_line_per_base() {
+    let (ok, out, err) = qdora(&["bench", "generate", "--weights", "nf4", "--seq-len", "8"]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let line = &lines[0];
+    let f = |k: &str| line[k].as_f64().unwrap_or_else(|| panic!("{k} in {line}"));
+    assert_eq!(line["weights"], "nf4");
+    assert_eq!(f("prefill_tokens"), 8.0);
+    assert_eq!(f("decode_tokens"), 64.0);
+    let want = f("weight_mib") * 1024.0 * 1024.0 * f("decode_tokens_per_s") / 1e9;
+    assert!(f("weight_mib") > 0.0, "{line}");
+    assert!(
+        (f("decode_weight_gb_per_s") - want).abs() < 1e-9 * want,
+        "{line}"
+    );
+    let (ok, _, err) = qdora(&["bench", "generate", "--weights", "int8"]);
+    assert!(!ok);
+    assert!(err.contains("unknown --weights \"int8\""), "{err}");
+}

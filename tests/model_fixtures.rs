@@ -47,6 +47,16 @@ fn check_model(dir: &Path) {
         "{}: loss {loss} vs {want}",
         dir.display()
     );
+    // KV-cached decoding, one token at a time (the 4-bit base's few-rows route), against the
+    // same reference logits at every position of the first sequence.
+    let v = m.config.vocab_size;
+    let want = r.get("logits").unwrap().to_f32().unwrap();
+    let mut cache = m.new_cache();
+    for i in 0..t {
+        let last = m.forward_cached(&input[i..i + 1], &mut cache).unwrap();
+        let d = max_diff(&last, &want[i * v..(i + 1) * v]);
+        assert!(d < 1e-4, "{}: cached step {i}: {d}", dir.display());
+    }
     let (prompt, _, _) = ids(&r, "gen_prompt_ids");
     let (full, _, _) = ids(&r, "gen_output_ids");
     let opts = GenerateOptions {

@@ -327,6 +327,10 @@ pub struct BenchArgs {
     /// Smaller shapes (quick check).
     #[arg(long)]
     pub quick: bool,
+    /// Bases to measure (generate): both, f32 (as stored) or nf4 (quantized on load; a
+    /// llama2-7b preset fits in memory only as nf4).
+    #[arg(long, default_value = "both")]
+    pub weights: String,
 }
 
 /// `qdora compare`.

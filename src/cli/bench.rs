@@ -51,7 +51,13 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         }
         "generate" => {
             let source = source(&a)?;
-            for l in bench::generate(&source, a.seq_len, 64)? {
+            let nf4: &[bool] = match a.weights.as_str() {
+                "both" => &[false, true],
+                "f32" => &[false],
+                "nf4" => &[true],
+                other => anyhow::bail!("unknown --weights {other:?}: expected both, f32 or nf4"),
+            };
+            for l in bench::generate(&source, a.seq_len, 64, nf4)? {
                 println!("{}", serde_json::to_string(&l)?);
             }
         }

@@ -2,7 +2,8 @@
 //! matmuls a trainer needs, `y = x·Wᵀ` and `dx = dy·W`, which dequantize W one tile at a time
 //! (`dy·W`: a block of rows; `x·Wᵀ`: a block of columns, written transposed) into a reusable
 //! buffer and hand each tile to the `gemm` microkernels (the same ones candle uses), so the whole
-//! dequantized matrix of a large layer never exists at once.
+//! dequantized matrix of a large layer never exists at once. A forward with only a few rows of
+//! activations (decoding) takes the tile-free route in `gemv` instead.
 //!
 //! Reference scalar path: `blockwise::dequantize_4bit_ref` (tested against this one).
 
@@ -10,6 +11,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::gemv;
 use crate::ops::transpose;
 
 /// Rows (`dy·W`) or columns (`x·Wᵀ`) of W dequantized per tile in the fused matmuls. 512 rows
@@ -101,7 +103,7 @@ fn dequantize_serial(
 /// AVX2 path of the dequantization inner loop: 8 outputs per iteration from 4 packed bytes,
 /// nibbles expanded by per-lane shifts and looked up with two 8-entry permutes. Returns how many
 /// bytes it handled (the scalar loop does the rest; 0 without AVX2).
-mod simd {
+pub(super) mod simd {
     /// Dequantizes as many whole groups of 4 bytes as possible.
     pub fn dequant_pairs(
         bytes: &[u8],
@@ -257,6 +259,15 @@ impl Packed4<'_> {
         if let Some((x2, m2, y2)) = &second {
             assert_eq!(x2.len(), m2 * self.cols, "x2 shape");
             assert_eq!(y2.len(), m2 * self.rows, "y2 shape");
+        }
+        // A few rows of `x` (decoding): dot products over the packed rows, no tiles; each
+        // product takes its route by its own row count, so `y` does not depend on `second`.
+        if m <= gemv::MAX_ROWS && self.rows_route_fits() {
+            self.matmul_t_rows(x, m, y);
+            if let Some((x2, m2, y2)) = second {
+                self.matmul_t2(x2, m2, y2, None);
+            }
+            return;
         }
         let transposed = transpose::available(self.cols) && self.blocksize % 8 == 0;
         if transposed {

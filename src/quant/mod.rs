@@ -9,6 +9,7 @@ pub mod blockwise;
 pub mod bnb_io;
 pub mod codebook;
 pub mod error;
+pub mod gemv;
 pub mod kernels;
 mod weight;
 
