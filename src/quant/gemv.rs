@@ -49,14 +49,7 @@ impl Packed4<'_> {
             "{cols} columns, block {}",
             self.blocksize
         );
-        assert!(
-            self.packed.len() * 2 >= rows * cols,
-            "packed data too short"
-        );
-        assert!(
-            self.absmax.len() * self.blocksize >= rows * cols,
-            "absmax too short"
-        );
+        self.assert_covers_matrix();
         if m == 0 {
             return;
         }
@@ -160,18 +153,7 @@ impl Packed4<'_> {
 mod tests {
     use super::*;
     use crate::quant::blockwise::{dequantize_4bit_ref, quantize_4bit, QuantType};
-
-    fn sample(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::quant::kernels::tests::sample;
 
     /// Against an f64 product with the reference dequantization, for every row count up to
     /// MAX_ROWS (each group size and their mixes), block sizes that split rows and rows that

@@ -304,6 +304,14 @@ impl Packed4<'_> {
         }
     }
 
+    /// Panics unless the codes and scales cover all `rows × cols` elements (the kernels that
+    /// index them directly check this once, up front).
+    pub(super) fn assert_covers_matrix(&self) {
+        let n = self.rows * self.cols;
+        assert!(self.packed.len() * 2 >= n, "packed data too short");
+        assert!(self.absmax.len() * self.blocksize >= n, "absmax too short");
+    }
+
     /// Dequantizes the `t.len() / cols` rows of W from row `r0` on into `t`, as rows.
     fn dequantize_rows(&self, r0: usize, t: &mut [f32]) {
         let start = r0 * self.cols;
@@ -395,14 +403,7 @@ impl Packed4<'_> {
             k0 % 8 == 0 && k1 <= cols,
             "column block {k0}..{k1} of {cols}"
         );
-        assert!(
-            self.packed.len() * 2 >= rows * cols,
-            "packed data too short"
-        );
-        assert!(
-            self.absmax.len() * self.blocksize >= rows * cols,
-            "absmax too short"
-        );
+        self.assert_covers_matrix();
         let nibbles = simd::Nibbles::new(self.code);
         // transpose_with's "rows" are W's rows, its "columns" the block's k0..k1.
         assert!(r1 <= rows, "row band {r0}..{r1} of {rows}");
@@ -493,11 +494,12 @@ impl Packed4<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::quant::blockwise::{dequantize_4bit_ref, quantize_4bit, QuantType};
 
-    fn sample(n: usize, seed: u64) -> Vec<f32> {
+    /// `n` pseudo-random values in [−0.5, 0.5) (also the `gemv` tests' weights and inputs).
+    pub(in crate::quant) fn sample(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
