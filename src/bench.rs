@@ -449,6 +449,7 @@ pub fn generate(
             logits = model.forward_cached(&[next], &mut cache)?;
         }
         let decode_s = t.elapsed().as_secs_f64();
+        let weight_bytes = model.matmul_weight_bytes();
         out.push(GenerateLine {
             model: source.to_string(),
             weights: if nf4 { "nf4".into() } else { "f32".into() },
@@ -456,8 +457,8 @@ pub fn generate(
             prefill_tokens_per_s: n as f64 / prefill_s,
             decode_tokens: decode,
             decode_tokens_per_s: decode as f64 / decode_s,
-            weight_mib: model.matmul_weight_bytes() as f64 / (1024.0 * 1024.0),
-            decode_weight_gb_per_s: (model.matmul_weight_bytes() * decode) as f64 / decode_s / 1e9,
+            weight_mib: weight_bytes as f64 / (1024.0 * 1024.0),
+            decode_weight_gb_per_s: (weight_bytes * decode) as f64 / decode_s / 1e9,
         });
     }
     Ok(out)

@@ -170,15 +170,18 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
+    /// Bytes of the blocks' linear weights as stored (4-bit or dense).
+    pub fn linear_weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| LINEAR_NAMES.map(|name| l.linear(name).weight.stored_bytes()))
+            .sum()
+    }
+
     /// Bytes of every matmul weight as stored: the blocks' linears and the head. One decoded
     /// token reads all of them, so this over the decode time is the weight bandwidth.
     pub fn matmul_weight_bytes(&self) -> usize {
-        let linears: usize = self
-            .layers
-            .iter()
-            .flat_map(|l| LINEAR_NAMES.map(|name| l.linear(name).weight.stored_bytes()))
-            .sum();
-        linears + self.head().stored_bytes()
+        self.linear_weight_bytes() + self.head().stored_bytes()
     }
 
     /// Makes sure RoPE tables cover `len` positions.

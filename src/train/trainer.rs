@@ -227,13 +227,9 @@ pub fn memory_estimate(model: &mut Llama, cfg: &TrainConfig) -> (f64, f64, f64, 
     let (trainable, _) = model.parameter_counts();
     let c = &model.config;
     let mib = |b: f64| b / (1024.0 * 1024.0);
-    let mut weights = (model.embed_tokens.stored_bytes()
-        + model.lm_head.as_ref().map_or(0, |h| h.stored_bytes())) as f64;
-    for l in &model.layers {
-        for name in crate::model::llama::LINEAR_NAMES {
-            weights += l.linear(name).weight.stored_bytes() as f64;
-        }
-    }
+    let weights = (model.embed_tokens.stored_bytes()
+        + model.lm_head.as_ref().map_or(0, |h| h.stored_bytes())
+        + model.linear_weight_bytes()) as f64;
     let states = trainable as f64 * 4.0 * 4.0; // param + grad + m + v
     let n = (cfg.batch_size * cfg.seq_len) as f64;
     let (d, f) = (c.hidden_size as f64, c.intermediate_size as f64);
