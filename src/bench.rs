@@ -7,14 +7,16 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::adapter::{AdapterKind, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter};
+use crate::adapter::{
+    AdapterKind, AdapterOptions, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter,
+};
 use crate::model::layers::Linear;
 use crate::model::{random, Llama};
 use crate::ops::{self, Rng};
 use crate::quant::{Dtype, QuantizeOptions, QuantizedWeight};
 use crate::train::optim::{AdamW, AdamWOptions};
-use crate::train::trainer::{build_model, optimizer_step, prepare_model};
-use crate::train::{Mode, TrainConfig};
+use crate::train::trainer::optimizer_step;
+use crate::train::{build_model, prepare_model, Batch, Mode, TrainConfig};
 
 fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     let mut best = f64::MAX;
@@ -196,18 +198,15 @@ pub fn layers(quick: bool, dropout: f32, dora_dropout: DoraDropout) -> Vec<Layer
             ("qdora", &quant, Some(AdapterKind::Dora)),
         ] {
             let mut l = Linear::new(base.clone(), None);
-            l.adapter = kind.map(|k| {
-                let mut a = LoraAdapter::new(
-                    base,
-                    k,
-                    8,
-                    4.0,
+            l.adapter = kind.map(|kind| {
+                let opts = AdapterOptions {
+                    kind,
+                    r: 8,
+                    scaling: 4.0,
                     dropout,
-                    InitLoraWeights::Random,
-                    &mut Rng::new(1),
-                );
-                a.dora_dropout = dora_dropout;
-                a
+                    dora_dropout,
+                };
+                LoraAdapter::new(base, &opts, InitLoraWeights::Random, &mut Rng::new(1))
             });
             let t = best_of(3, || {
                 let (_, s) = l.forward_train(&x, tokens, &mut Rng::new(2));
@@ -310,10 +309,7 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
     let ceiling_before = ops::matmul_ceiling_gflops(2048, 3);
     let mut model: Llama = match random::preset(&o.source) {
         Some(c) => {
-            let q = o
-                .mode
-                .quantized()
-                .then(|| crate::train::trainer::quantize_options(&cfg));
+            let q = o.mode.quantized().then(|| cfg.quantize_options());
             let mut m = random::random_model(c, q, 0);
             prepare_model(&mut m, &cfg, &o.source)?;
             m
@@ -329,13 +325,18 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
         .collect();
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    let batches = vec![(ids, labels, o.batch_size, o.seq_len)];
+    let batches = vec![Batch {
+        ids,
+        labels,
+        b: o.batch_size,
+        t: o.seq_len,
+    }];
     let mut opt = AdamW::new(AdamWOptions::default());
     let mut times = Vec::new();
     let mut loss = 0.0;
     for s in 0..o.steps + 1 {
         let t0 = Instant::now();
-        loss = optimizer_step(&mut model, &mut opt, &batches, 1e-4, &cfg, s + 1, "none")?.0;
+        loss = optimizer_step(&mut model, &mut opt, &batches, &cfg, (s + 1, 1e-4))?.0;
         if s > 0 || o.steps == 1 {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -343,7 +344,7 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
             break;
         }
     }
-    let peak_rss_mib = ops::peak_rss_mib();
+    let peak_rss_mib = crate::sys::peak_rss_mib();
     let ceiling_after = ops::matmul_ceiling_gflops(2048, 3);
     let ceiling = ceiling_before.max(ceiling_after);
     times.sort_by(|a, b| a.total_cmp(b));

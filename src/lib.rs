@@ -1,7 +1,8 @@
 //! qdora: fine-tuning of Hugging Face Llama-family models on limited hardware, with QDoRA (DoRA
 //! adapters on an NF4 base) at its heart and full fine-tuning, LoRA, QLoRA and DoRA beside it.
 //!
-//! Modules depend one way: `io` → `ops` → `quant` → `adapter` → `model` → `train` → `cli`.
+//! Modules depend one way: `sys`, `io` → `ops` → `quant` → `adapter` → `model` → `train` →
+//! `cli` (with `bench`, `fuzzing` and `embedded` beside `train`); `tests/layering.rs` checks it.
 //!
 //! Dimension legend used in shape comments: `B` batch, `T` tokens, `D` hidden, `H`/`Hkv` heads,
 //! `Dh` head dim, `F` MLP width, `V` vocab, `R` LoRA rank, `N = B*T` rows of a flattened batch.
@@ -18,4 +19,5 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod sys;
 pub mod train;

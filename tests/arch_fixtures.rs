@@ -124,12 +124,13 @@ fn sharded_checkpoint_loads_like_the_single_file() {
 /// Attaches fresh adapters for `cfg` and moves every trainable tensor by 0.01 (a stand-in for
 /// an optimizer step); returns the trainable tensors' names.
 fn attach_and_nudge(m: &mut qdora::model::Llama, cfg: &qdora::adapter::LoraConfig) -> Vec<String> {
-    qdora::model::adapters::attach(m, cfg, &mut qdora::ops::Rng::new(1)).unwrap();
+    let peft = qdora::adapter::DoraDropout::Peft;
+    qdora::model::adapters::attach(m, cfg, peft, &mut qdora::ops::Rng::new(1)).unwrap();
     let mut names = Vec::new();
-    m.visit_trainable(&mut |n, t| {
-        t.iter_mut().for_each(|v| *v += 0.01);
-        names.push(n.to_string());
-    });
+    for id in m.trainable() {
+        m.param_mut(id).iter_mut().for_each(|v| *v += 0.01);
+        names.push(id.key());
+    }
     names
 }
 
@@ -295,14 +296,15 @@ fn ensure_weight_tying_trains_the_shared_matrix_with_both_gradients() {
         };
         cfg.extra
             .insert("ensure_weight_tying".into(), serde_json::Value::Bool(tying));
-        qdora::model::adapters::attach(&mut m, &cfg, &mut qdora::ops::Rng::new(1)).unwrap();
+        let peft = qdora::adapter::DoraDropout::Peft;
+        qdora::model::adapters::attach(&mut m, &cfg, peft, &mut qdora::ops::Rng::new(1)).unwrap();
         let (_, _, g) = m
             .forward_backward(&ids, &labels, 2, 12, &opts, &mut qdora::ops::Rng::new(2))
             .unwrap();
-        let found: Vec<&str> = g.iter().map(|(n, _)| n.as_str()).collect();
+        let found: Vec<String> = g.iter().map(|(n, _)| n.key()).collect();
         let (_, v) = g
             .iter()
-            .find(|(n, _)| n == key)
+            .find(|(n, _)| n.key() == key)
             .unwrap_or_else(|| panic!("{module} {tying}: no {key} in {found:?}"));
         v.clone()
     };

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qdora::adapter::DoraDropout;
+use qdora::adapter::InitLoraWeights;
+use qdora::model::Proj;
 use qdora::model::StepOptions;
 use qdora::ops::Rng;
-use qdora::train::trainer::build_model;
-use qdora::train::{Mode, TrainConfig};
+use qdora::train::{build_model, Mode, TrainConfig};
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-llama")
@@ -41,7 +42,7 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
     for mode in Mode::ALL {
         let cfg = TrainConfig {
             mode,
-            init_lora_weights: "false".into(),
+            init_lora_weights: InitLoraWeights::Random,
             lora_dropout: 0.1,
             ..Default::default()
         };
@@ -54,15 +55,14 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
         let (_, _, grads) = m
             .forward_backward(&ids, &labels, 2, 16, &opts, &mut Rng::new(1))
             .unwrap();
-        let mut names = Vec::new();
-        m.visit_trainable(&mut |n, _| names.push(n.to_string()));
-        let got: Vec<String> = grads.iter().map(|g| g.0.clone()).collect();
-        let mut a = names.clone();
-        a.sort();
-        let mut b = got.clone();
-        b.sort();
-        assert_eq!(a, b, "{mode:?}: gradient names");
-        for (n, g) in &grads {
+        let mut names: Vec<String> = m.trainable().iter().map(|id| id.key()).collect();
+        let mut got: Vec<String> = grads.iter().map(|g| g.0.key()).collect();
+        names.sort();
+        got.sort();
+        assert_eq!(names, got, "{mode:?}: one gradient per trainable tensor");
+        for (id, g) in &grads {
+            let n = id.key();
+            assert_eq!(g.len(), m.param(*id).len(), "{mode:?}: {n} gradient shape");
             assert!(
                 g.iter().any(|v| *v != 0.0),
                 "{mode:?}: {n} has an all-zero gradient"
@@ -74,7 +74,7 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
             assert!(names.iter().any(|n| n == "lm_head.weight"));
         }
         if mode.quantized() {
-            assert!(m.layers[0].linear("q_proj").weight.is_quantized());
+            assert!(m.layers[0].linear(Proj::QProj).weight.is_quantized());
         }
     }
 }
@@ -93,7 +93,7 @@ fn gradient_checkpointing_changes_nothing() {
             mode,
             lora_dropout: 0.2,
             dora_dropout,
-            init_lora_weights: "false".into(),
+            init_lora_weights: InitLoraWeights::Random,
             ..Default::default()
         };
         let (mut m, _) = build_model(&tiny(), &cfg).unwrap();
@@ -137,7 +137,11 @@ fn dora_dropout_placement_is_a_setting() {
         .unwrap();
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("--dora-dropout sometimes"), "{err}");
+    assert!(
+        err.contains("invalid value 'sometimes'")
+            && err.contains("[possible values: peft, lora-only]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -158,7 +162,8 @@ fn full_finetune_gradients_match_finite_differences() {
         .unwrap();
     let loss_of = |m: &mut qdora::model::Llama| -> f64 { m.loss(&ids, &labels, b, t).unwrap().0 };
     let mut checked = 0;
-    for (name, g) in &grads {
+    for (id, g) in &grads {
+        let (id, name) = (*id, id.key());
         // Probe the element with the largest gradient of each tensor.
         let (i, &gi) = g
             .iter()
@@ -166,13 +171,7 @@ fn full_finetune_gradients_match_finite_differences() {
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap();
         let h = 1e-2f32;
-        let bump = |m: &mut qdora::model::Llama, d: f32| {
-            m.visit_trainable(&mut |n, p| {
-                if n == name {
-                    p[i] += d;
-                }
-            })
-        };
+        let bump = |m: &mut qdora::model::Llama, d: f32| m.param_mut(id)[i] += d;
         bump(&mut m, h);
         let lp = loss_of(&mut m);
         bump(&mut m, -2.0 * h);

@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 
-use super::lowrank;
 use crate::ops;
+use crate::ops::lowrank::{self, Input};
 use crate::quant::QuantizedWeight;
 
 /// A Linear layer's weight `W (out × in)`, frozen for adapter training.
@@ -127,7 +127,15 @@ impl BaseWeight {
             // each row of W read once, dotted with A's rows held in cache (the LoRA forward's
             // `x·Aᵀ` kernel, without dropout); a gemm call with r = 8 columns re-packed all of
             // W: ≈ 3.3 GB/s of W with gemm's AVX-512 kernels, 9–12 GB/s with its AVX2 ones
-            BaseWeight::Dense { w, out, inp } => lowrank::xd_at(w, *out, *inp, a, r, None),
+            BaseWeight::Dense { w, out, inp } => {
+                let rows = Input {
+                    x: w,
+                    n: *out,
+                    inp: *inp,
+                    mask: None,
+                };
+                lowrank::xd_at(rows, a, r)
+            }
             // (A · Wᵀ)ᵀ: A·Wᵀ (r × out) with the 4-bit forward kernel, then transposed (small).
             BaseWeight::Quant(_) => transpose(&self.forward(a, r), r, self.out_features()),
         }

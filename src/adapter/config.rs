@@ -22,7 +22,7 @@ pub enum TargetModules {
 }
 
 /// `bias`: which biases are trained and saved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Bias {
     /// No bias is trained.
@@ -31,18 +31,37 @@ pub enum Bias {
     /// Every bias of the model is trained.
     All,
     /// Only the biases of targeted layers are trained.
+    #[value(name = "lora_only")]
     LoraOnly,
 }
 
-/// How fresh adapter weights are initialised (`init_lora_weights`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How fresh adapter weights are initialised (`init_lora_weights`). In qdora's settings the
+/// values are the strings `"true"`, `"gaussian"` and `"false"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 pub enum InitLoraWeights {
     /// `true`: A kaiming-uniform (U(±1/√in)), B = 0: the adapter starts as a no-op.
+    #[default]
+    #[serde(rename = "true")]
+    #[value(name = "true")]
     Default,
     /// `"gaussian"`: A ~ N(0, 1/r), B = 0.
+    #[serde(rename = "gaussian")]
     Gaussian,
     /// `false`: A and B both random (nn.Linear default): not a no-op, for tests.
+    #[serde(rename = "false")]
+    #[value(name = "false")]
     Random,
+}
+
+impl InitLoraWeights {
+    /// The value PEFT writes in `adapter_config.json` (`true`, `false` or `"gaussian"`).
+    pub fn to_json(self) -> Value {
+        match self {
+            InitLoraWeights::Default => Value::Bool(true),
+            InitLoraWeights::Random => Value::Bool(false),
+            InitLoraWeights::Gaussian => Value::String("gaussian".into()),
+        }
+    }
 }
 
 /// PEFT's `LoraConfig`, field names as in `adapter_config.json`.

@@ -6,9 +6,14 @@
 //! `‖W‖²` is cached once (the base is frozen), `W·Aᵀ` is one pass over W with the forward kernel
 //! (4-bit too), `A·Aᵀ` is `r × r`. All in f32, clamped at 0 against rounding, and guarded by
 //! [`NORM_EPS`] so a zero row gives a zero scale instead of PEFT's NaN (PEFT issue #2049).
+//!
+//! Also DoRA's output-side passes over `(N, out)` buffers: the scale `k` applied to a layer's
+//! output, PEFT's dropout form, and the gradients of the magnitude and of `k⊙dy`.
+
+use rayon::prelude::*;
 
 use super::base::BaseWeight;
-use crate::ops;
+use crate::ops::{self, uninit};
 
 /// Smallest norm divided by: rows of `W + sBA` that are exactly zero get `k = m / NORM_EPS`,
 /// which is 0 when `m` is 0 (their initial value), instead of NaN.
@@ -88,6 +93,118 @@ pub fn weight_norm_dense(
                 .sqrt()
         })
         .collect()
+}
+
+/// Rows per parallel work item in the element-wise passes over (N, out) buffers.
+const ROWS: usize = 16;
+
+/// DoRA's part of a layer's saved state.
+pub(super) struct DoraSaved {
+    /// (out) `k = m / ‖W + sBA‖`.
+    pub k: Vec<f32>,
+    /// (out) the detached norm.
+    pub norm: Vec<f32>,
+    /// (N, out) the term `k` multiplies (gradient of `m`).
+    pub z: Vec<f32>,
+    /// The base product also saw the dropped-out input (PEFT's form).
+    pub base_dropout: bool,
+}
+
+impl DoraSaved {
+    /// `(z, k)` where the layer's output is exactly `k⊙z` (no base dropout).
+    pub fn output_factors(&self) -> Option<(&[f32], &[f32])> {
+        (!self.base_dropout).then_some((self.z.as_slice(), self.k.as_slice()))
+    }
+}
+
+/// PEFT-form DoRA's output from its parts, in one pass: with `z = x_d·Wᵀ` (in) and
+/// `v = s·u·Bᵀ`, `y += (k−1)⊙z + k⊙v` and `z += v` (out: the term `k` multiplies).
+pub(super) fn combine_base_dropout(y: &mut [f32], z: &mut [f32], v: &[f32], k: &[f32]) {
+    let out = k.len();
+    y.par_chunks_mut(out * ROWS)
+        .zip(z.par_chunks_mut(out * ROWS))
+        .zip(v.par_chunks(out * ROWS))
+        .for_each(|((yr, zr), vr)| {
+            for ((y, z), v) in yr
+                .chunks_mut(out)
+                .zip(zr.chunks_mut(out))
+                .zip(vr.chunks(out))
+            {
+                for ((y, z), (&v, &k)) in y.iter_mut().zip(z).zip(v.iter().zip(k)) {
+                    let bt = *z;
+                    *y += (k - 1.0) * bt + k * v;
+                    *z = bt + v;
+                }
+            }
+        });
+}
+
+/// DoRA's output-side gradients in one pass over `dy`: `k⊙dy` (N, out), written over `z` once
+/// each element of `z` has been read (no new buffer), `(k−1)⊙dy` when the base saw the
+/// dropped-out input, and `dm = Σ_rows dy⊙z / ‖·‖` (out; partial sums per fixed row block,
+/// added in order, so the result does not depend on thread scheduling).
+pub(super) fn output_grads(
+    dy: &[f32],
+    d: DoraSaved,
+    n: usize,
+    out: usize,
+) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
+    let DoraSaved {
+        k,
+        norm,
+        mut z,
+        base_dropout,
+    } = d;
+    assert!(dy.len() == n * out && z.len() == n * out, "DoRA dy/z shape");
+    let block = out * ROWS;
+    let partials: Vec<Vec<f32>> = z
+        .par_chunks_mut(block)
+        .zip(dy.par_chunks(block))
+        .map(|(zr, dr)| {
+            let mut acc = vec![0f32; out];
+            for (z, dy) in zr.chunks_mut(out).zip(dr.chunks(out)) {
+                // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
+                for ((a, z), (&dy, &k)) in acc.iter_mut().zip(z).zip(dy.iter().zip(&k)) {
+                    *a += dy * *z;
+                    *z = k * dy;
+                }
+            }
+            acc
+        })
+        .collect();
+    let g1 = base_dropout.then(|| {
+        let km1: Vec<f32> = k.iter().map(|k| k - 1.0).collect();
+        scale_columns(dy, out, &km1)
+    });
+    let mut dm = ops::reduce_parts(&partials, out);
+    for (v, nn) in dm.iter_mut().zip(&norm) {
+        *v /= nn.max(NORM_EPS);
+    }
+    (z, g1, dm)
+}
+
+/// `y[i, o] = c[o] · x[i, o]` for rows of `width` (DoRA's `k⊙z`, `(k−1)⊙dy`), in parallel,
+/// into a new vector that is not zeroed first.
+///
+/// # Panics
+/// If `c` does not have `width` factors or `x` is not a whole number of rows.
+pub(super) fn scale_columns(x: &[f32], width: usize, c: &[f32]) -> Vec<f32> {
+    assert_eq!(c.len(), width, "one factor per column");
+    assert_eq!(x.len() % width.max(1), 0, "whole rows");
+    let rows = x.len() / width.max(1);
+    uninit::new_rows(rows, width, |i, row| {
+        let xr = &x[i * width..(i + 1) * width];
+        row.fill(xr.iter().zip(c).map(|(&x, &c)| c * x))
+    })
+}
+
+/// `y[i, o] *= c[o]` for rows of `width` (DoRA's inference scale), in parallel.
+pub(super) fn scale_columns_in_place(y: &mut [f32], width: usize, c: &[f32]) {
+    y.par_chunks_mut(width.max(1) * ROWS).for_each(|rows| {
+        for row in rows.chunks_mut(width.max(1)) {
+            row.iter_mut().zip(c).for_each(|(v, kk)| *v *= kk);
+        }
+    });
 }
 
 #[cfg(test)]

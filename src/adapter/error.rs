@@ -37,9 +37,6 @@ pub enum Error {
     /// A quantization error (e.g. re-quantizing a merged weight).
     #[error(transparent)]
     Quant(#[from] crate::quant::Error),
-    /// A candle error.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 /// Result type of the `adapter` module.

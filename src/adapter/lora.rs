@@ -18,18 +18,19 @@
 //! `dm = Σ_rows dy⊙z / ‖·‖` with `z` the term `k` multiplies, and routes `k⊙dy` through the
 //! base (no base dropout) or `dy` through the base and `(k−1)⊙dy` through the dropped-out base
 //! product (PEFT's form). Dropout masks come from [`Dropout`]'s seed and are never stored; the
-//! thin products with the mask inside are in `lowrank.rs`.
+//! thin products with the mask inside are `ops::lowrank`'s.
+//!
+//! The weights are private: they change only through [`LoraAdapter::param_mut`], which also
+//! drops DoRA's cached inference scale, so that cache can never be stale.
 
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
 use super::base::BaseWeight;
 use super::config::InitLoraWeights;
-use super::dora;
+use super::dora::{self, DoraSaved};
 use super::dropout::Dropout;
-use super::lowrank;
-use crate::ops::{self, Rng};
+use crate::ops::lowrank::{self, Input};
+use crate::ops::{self, Accum, MatMut, MatRef, Par, Rng};
 
 /// LoRA or DoRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,35 +41,18 @@ pub enum AdapterKind {
     Dora,
 }
 
-/// The trainable adapter of one Linear layer. Field names follow PEFT's keys.
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    /// `lora_A.weight`: (R, in).
-    pub lora_a: Vec<f32>,
-    /// `lora_B.weight`: (out, R).
-    pub lora_b: Vec<f32>,
-    /// `lora_magnitude_vector`: (out), DoRA only.
-    pub lora_magnitude_vector: Option<Vec<f32>>,
-    /// Rank R.
-    pub r: usize,
-    /// Input features.
-    pub in_features: usize,
-    /// Output features.
-    pub out_features: usize,
-    /// `lora_alpha / r` (or `/ √r`).
-    pub scaling: f32,
-    /// `lora_dropout` probability.
-    pub dropout: f32,
-    /// Where DoRA applies the dropout in training.
-    pub dora_dropout: DoraDropout,
-    /// `‖W‖²` per row of the frozen base (DoRA), computed once.
-    w_norm_sq: Option<Vec<f32>>,
-    /// DoRA's `k` for inference, computed on first use after the weights last changed.
-    eval_scale: OnceLock<Vec<f32>>,
-}
-
 /// Where DoRA applies `lora_dropout` during training (LoRA has one place only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum DoraDropout {
     /// PEFT: `y = base(x) + (k−1)⊙base(x_d) + k⊙s·x_d·AᵀBᵀ`. The magnitude rescaling of the
@@ -83,22 +67,94 @@ pub enum DoraDropout {
 }
 
 impl DoraDropout {
-    /// Parses `peft` or `lora-only`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "peft" => Some(Self::Peft),
-            "lora-only" => Some(Self::LoraOnly),
-            _ => None,
-        }
-    }
-
-    /// The name [`parse`](Self::parse) accepts.
+    /// The name used in settings and flags (`peft`, `lora-only`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Peft => "peft",
             Self::LoraOnly => "lora-only",
         }
     }
+}
+
+/// One trainable tensor of an adapter, by PEFT's key suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AdapterParam {
+    /// `lora_A.weight`: (R, in).
+    LoraA,
+    /// `lora_B.weight`: (out, R).
+    LoraB,
+    /// `lora_magnitude_vector`: (out), DoRA only.
+    Magnitude,
+}
+
+/// How an adapter is built: its kind, rank, scaling and dropout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdapterOptions {
+    /// LoRA or DoRA.
+    pub kind: AdapterKind,
+    /// Rank R.
+    pub r: usize,
+    /// `lora_alpha / r` (or `/ √r`).
+    pub scaling: f32,
+    /// `lora_dropout` probability.
+    pub dropout: f32,
+    /// Where DoRA applies the dropout in training.
+    pub dora_dropout: DoraDropout,
+}
+
+/// An adapter's weights as a file holds them.
+#[derive(Debug, Clone)]
+pub struct AdapterWeights {
+    /// `lora_A.weight`: (R, in).
+    pub lora_a: Vec<f32>,
+    /// `lora_B.weight`: (out, R).
+    pub lora_b: Vec<f32>,
+    /// `lora_magnitude_vector`: (out), DoRA only.
+    pub magnitude: Option<Vec<f32>>,
+}
+
+/// The low-rank pair both kinds share, with its shape and hyper-parameters.
+#[derive(Debug, Clone)]
+struct LowRank {
+    /// (R, in)
+    lora_a: Vec<f32>,
+    /// (out, R)
+    lora_b: Vec<f32>,
+    r: usize,
+    in_features: usize,
+    out_features: usize,
+    scaling: f32,
+    dropout: f32,
+}
+
+/// LoRA: `y = x·Wᵀ + s·x_d·AᵀBᵀ`.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    low: LowRank,
+}
+
+/// DoRA: LoRA's pair plus a magnitude per output row, `y = k⊙x(W + sBA)ᵀ` with
+/// `k = m/‖W + sBA‖_row`.
+#[derive(Debug, Clone)]
+pub struct Dora {
+    low: LowRank,
+    /// (out) `lora_magnitude_vector`.
+    magnitude: Vec<f32>,
+    /// (out) `‖W‖²` per row of the frozen base, computed once.
+    w_norm_sq: Vec<f32>,
+    /// Where the dropout goes in training.
+    dropout_form: DoraDropout,
+    /// (out) `k` for inference, computed on first use after the weights last changed.
+    eval_scale: OnceLock<Vec<f32>>,
+}
+
+/// The trainable adapter of one Linear layer.
+#[derive(Debug, Clone)]
+pub enum LoraAdapter {
+    /// A LoRA adapter.
+    Lora(Lora),
+    /// A DoRA adapter.
+    Dora(Dora),
 }
 
 /// What [`LoraAdapter::backward`] needs from the forward pass.
@@ -111,28 +167,13 @@ pub struct LoraSaved {
     dora: Option<DoraSaved>,
 }
 
-/// DoRA's saved state.
-struct DoraSaved {
-    /// (out) `k = m / ‖W + sBA‖`.
-    k: Vec<f32>,
-    /// (out) the detached norm.
-    norm: Vec<f32>,
-    /// (N, out) the term `k` multiplies (gradient of `m`).
-    z: Vec<f32>,
-    /// The base product also saw the dropped-out input (PEFT's form).
-    base_dropout: bool,
-}
-
 impl LoraSaved {
     /// DoRA without base dropout: the layer's output is `y[i, o] = k[o]·z[i, o]` exactly, and
     /// this state holds both; returns `(z, k)` so that a caller which keeps `y` for its own
     /// backward (the MLP's gate and up outputs) can rebuild it from here instead of holding
     /// the same numbers twice. `None` for LoRA and PEFT-form DoRA.
     pub fn output_factors(&self) -> Option<(&[f32], &[f32])> {
-        self.dora
-            .as_ref()
-            .filter(|d| !d.base_dropout)
-            .map(|d| (d.z.as_slice(), d.k.as_slice()))
+        self.dora.as_ref().and_then(DoraSaved::output_factors)
     }
 }
 
@@ -147,22 +188,29 @@ pub struct LoraGrads {
     pub d_lora_magnitude_vector: Option<Vec<f32>>,
 }
 
-/// Rows per parallel work item in the element-wise passes over (N, out) buffers.
-const ROWS: usize = 16;
+impl LoraGrads {
+    /// The gradients by tensor, in [`LoraAdapter::params`] order.
+    pub fn into_params(self) -> impl Iterator<Item = (AdapterParam, Vec<f32>)> {
+        [
+            (AdapterParam::LoraA, Some(self.d_lora_a)),
+            (AdapterParam::LoraB, Some(self.d_lora_b)),
+            (AdapterParam::Magnitude, self.d_lora_magnitude_vector),
+        ]
+        .into_iter()
+        .filter_map(|(p, g)| g.map(|g| (p, g)))
+    }
+}
 
 impl LoraAdapter {
     /// A fresh adapter for `base`, initialised as PEFT does (`init`), with DoRA's magnitude set
     /// to `‖W + s·B·A‖` per row.
     pub fn new(
         base: &BaseWeight,
-        kind: AdapterKind,
-        r: usize,
-        scaling: f32,
-        dropout: f32,
+        opts: &AdapterOptions,
         init: InitLoraWeights,
         rng: &mut Rng,
     ) -> Self {
-        let (out, inp) = (base.out_features(), base.in_features());
+        let (out, inp, r) = (base.out_features(), base.in_features(), opts.r);
         let bound_a = 1.0 / (inp as f32).sqrt();
         let lora_a: Vec<f32> = match init {
             InitLoraWeights::Gaussian => (0..r * inp).map(|_| rng.normal() / r as f32).collect(),
@@ -179,116 +227,188 @@ impl LoraAdapter {
             }
             _ => vec![0f32; out * r],
         };
-        let mut a = Self::from_weights(base, lora_a, lora_b, None, r, scaling, dropout, kind);
-        if kind == AdapterKind::Dora {
-            a.lora_magnitude_vector = Some(a.weight_norm(base));
+        let low = LowRank::new(base, opts, lora_a, lora_b);
+        match opts.kind {
+            AdapterKind::Lora => LoraAdapter::Lora(Lora { low }),
+            AdapterKind::Dora => {
+                let w_norm_sq = base.row_norms_sq();
+                let magnitude = dora::weight_norm(
+                    base,
+                    &w_norm_sq,
+                    &low.lora_a,
+                    &low.lora_b,
+                    low.r,
+                    low.scaling,
+                );
+                LoraAdapter::Dora(Dora::new(low, magnitude, w_norm_sq, opts.dora_dropout))
+            }
         }
-        a
     }
 
-    /// An adapter from given weights (e.g. loaded from a file). `magnitude` is required for DoRA
-    /// (`kind` decides whether the `‖W‖²` cache is built).
+    /// An adapter from given weights (e.g. loaded from a file).
     ///
     /// # Panics
-    /// If the lengths do not match `r` and the base's shape.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_weights(
-        base: &BaseWeight,
-        lora_a: Vec<f32>,
-        lora_b: Vec<f32>,
-        magnitude: Option<Vec<f32>>,
-        r: usize,
-        scaling: f32,
-        dropout: f32,
-        kind: AdapterKind,
-    ) -> Self {
-        let (out, inp) = (base.out_features(), base.in_features());
-        assert_eq!(lora_a.len(), r * inp, "lora_A length");
-        assert_eq!(lora_b.len(), out * r, "lora_B length");
-        if let Some(m) = &magnitude {
-            assert_eq!(m.len(), out, "magnitude length");
+    /// If the lengths do not match the rank and the base's shape, or a DoRA adapter comes
+    /// without its magnitude (or a LoRA one with one).
+    pub fn from_weights(base: &BaseWeight, opts: &AdapterOptions, w: AdapterWeights) -> Self {
+        let low = LowRank::new(base, opts, w.lora_a, w.lora_b);
+        match (opts.kind, w.magnitude) {
+            (AdapterKind::Lora, None) => LoraAdapter::Lora(Lora { low }),
+            (AdapterKind::Dora, Some(m)) => {
+                assert_eq!(m.len(), low.out_features, "magnitude length");
+                let w2 = base.row_norms_sq();
+                LoraAdapter::Dora(Dora::new(low, m, w2, opts.dora_dropout))
+            }
+            (kind, m) => panic!(
+                "a {kind:?} adapter {} a magnitude vector",
+                if m.is_some() { "with" } else { "without" }
+            ),
         }
-        Self {
-            lora_a,
-            lora_b,
-            lora_magnitude_vector: magnitude,
-            r,
-            in_features: inp,
-            out_features: out,
-            scaling,
-            dropout,
-            dora_dropout: DoraDropout::default(),
-            w_norm_sq: (kind == AdapterKind::Dora).then(|| base.row_norms_sq()),
-            eval_scale: OnceLock::new(),
+    }
+
+    fn low(&self) -> &LowRank {
+        match self {
+            LoraAdapter::Lora(l) => &l.low,
+            LoraAdapter::Dora(d) => &d.low,
+        }
+    }
+
+    fn dora(&self) -> Option<&Dora> {
+        match self {
+            LoraAdapter::Lora(_) => None,
+            LoraAdapter::Dora(d) => Some(d),
         }
     }
 
     /// LoRA or DoRA.
     pub fn kind(&self) -> AdapterKind {
-        if self.w_norm_sq.is_some() {
-            AdapterKind::Dora
-        } else {
-            AdapterKind::Lora
+        match self {
+            LoraAdapter::Lora(_) => AdapterKind::Lora,
+            LoraAdapter::Dora(_) => AdapterKind::Dora,
+        }
+    }
+
+    /// Rank R.
+    pub fn r(&self) -> usize {
+        self.low().r
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.low().in_features
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.low().out_features
+    }
+
+    /// `lora_alpha / r` (or `/ √r`).
+    pub fn scaling(&self) -> f32 {
+        self.low().scaling
+    }
+
+    /// `lora_A.weight`: (R, in).
+    pub fn lora_a(&self) -> &[f32] {
+        &self.low().lora_a
+    }
+
+    /// `lora_B.weight`: (out, R).
+    pub fn lora_b(&self) -> &[f32] {
+        &self.low().lora_b
+    }
+
+    /// `lora_magnitude_vector`: (out), DoRA only.
+    pub fn magnitude(&self) -> Option<&[f32]> {
+        self.dora().map(|d| d.magnitude.as_slice())
+    }
+
+    /// Where DoRA applies the dropout in training (`None` for LoRA).
+    pub fn dora_dropout(&self) -> Option<DoraDropout> {
+        self.dora().map(|d| d.dropout_form)
+    }
+
+    /// Sets where DoRA applies the dropout in training (no effect on LoRA).
+    pub fn set_dora_dropout(&mut self, form: DoraDropout) {
+        if let LoraAdapter::Dora(d) = self {
+            d.dropout_form = form;
+        }
+    }
+
+    /// The trainable tensors this adapter has, in a fixed order.
+    pub fn params(&self) -> &'static [AdapterParam] {
+        match self {
+            LoraAdapter::Lora(_) => &[AdapterParam::LoraA, AdapterParam::LoraB],
+            LoraAdapter::Dora(_) => &[
+                AdapterParam::LoraA,
+                AdapterParam::LoraB,
+                AdapterParam::Magnitude,
+            ],
+        }
+    }
+
+    /// One trainable tensor (`None`: a magnitude asked of LoRA).
+    pub fn param(&self, p: AdapterParam) -> Option<&[f32]> {
+        match p {
+            AdapterParam::LoraA => Some(self.lora_a()),
+            AdapterParam::LoraB => Some(self.lora_b()),
+            AdapterParam::Magnitude => self.magnitude(),
+        }
+    }
+
+    /// One trainable tensor, to change. Drops DoRA's cached inference scale first: the next
+    /// forward after the borrow ends recomputes it from the new weights.
+    pub fn param_mut(&mut self, p: AdapterParam) -> Option<&mut [f32]> {
+        match self {
+            LoraAdapter::Lora(l) => match p {
+                AdapterParam::LoraA => Some(&mut l.low.lora_a),
+                AdapterParam::LoraB => Some(&mut l.low.lora_b),
+                AdapterParam::Magnitude => None,
+            },
+            LoraAdapter::Dora(d) => {
+                d.eval_scale = OnceLock::new();
+                Some(match p {
+                    AdapterParam::LoraA => &mut d.low.lora_a,
+                    AdapterParam::LoraB => &mut d.low.lora_b,
+                    AdapterParam::Magnitude => &mut d.magnitude,
+                })
+            }
         }
     }
 
     /// Number of trainable values.
     pub fn num_params(&self) -> usize {
-        self.lora_a.len()
-            + self.lora_b.len()
-            + self.lora_magnitude_vector.as_ref().map_or(0, |m| m.len())
+        self.params()
+            .iter()
+            .filter_map(|&p| self.param(p))
+            .map(<[f32]>::len)
+            .sum()
     }
 
-    /// Forgets cached values derived from the weights; call after changing them.
-    pub fn weights_changed(&mut self) {
-        self.eval_scale = OnceLock::new();
-    }
-
-    /// `‖W + s·B·A‖` per row (DoRA's detached norm).
+    /// `‖W + s·B·A‖` per row (DoRA's detached norm; for LoRA, from a fresh `‖W‖²`).
     pub fn weight_norm(&self, base: &BaseWeight) -> Vec<f32> {
-        let w2 = match &self.w_norm_sq {
-            Some(w) => std::borrow::Cow::Borrowed(w),
+        let low = self.low();
+        let w2 = match self.dora() {
+            Some(d) => std::borrow::Cow::Borrowed(&d.w_norm_sq),
             None => std::borrow::Cow::Owned(base.row_norms_sq()),
         };
-        dora::weight_norm(base, &w2, &self.lora_a, &self.lora_b, self.r, self.scaling)
-    }
-
-    fn scale(&self, base: &BaseWeight) -> Option<Vec<f32>> {
-        let m = self.lora_magnitude_vector.as_ref()?;
-        Some(dora::magnitude_scale(m, &self.weight_norm(base)))
+        dora::weight_norm(base, &w2, &low.lora_a, &low.lora_b, low.r, low.scaling)
     }
 
     /// Inference: `y (N, out) = x·Wᵀ` adapted (no bias, no dropout; DoRA's scale cached).
     pub fn forward(&self, base: &BaseWeight, x: &[f32], n: usize) -> Vec<f32> {
-        let (inp, out, r, s) = (self.in_features, self.out_features, self.r, self.scaling);
+        let low = self.low();
+        let out = low.out_features;
         let mut y = base.forward(x, n);
-        let u = lowrank::xd_at(x, n, inp, &self.lora_a, r, None);
-        gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
-        if self.lora_magnitude_vector.is_some() {
-            let k = self
+        let u = low.xd_at(x, n, None);
+        low.add_ubt(&mut y, &u, n);
+        if let Some(d) = self.dora() {
+            let k = d
                 .eval_scale
-                .get_or_init(|| self.scale(base).unwrap_or_default());
-            y.par_chunks_mut(out * ROWS).for_each(|rows| {
-                for row in rows.chunks_mut(out) {
-                    row.iter_mut().zip(k).for_each(|(v, kk)| *v *= kk);
-                }
-            });
+                .get_or_init(|| dora::magnitude_scale(&d.magnitude, &self.weight_norm(base)));
+            dora::scale_columns_in_place(&mut y, out, k);
         }
         y
-    }
-
-    /// The dropout of this call (its seed drawn from `rng` when `dropout > 0`) and
-    /// `u = x_d·Aᵀ (N, R)`.
-    fn low_rank_input(&self, x: &[f32], n: usize, rng: &mut Rng) -> (Option<Dropout>, Vec<f32>) {
-        let (inp, r) = (self.in_features, self.r);
-        let dropout = self.draw_dropout(rng);
-        let u = lowrank::xd_at(x, n, inp, &self.lora_a, r, dropout.as_ref());
-        (dropout, u)
-    }
-
-    /// The dropout of this call, its seed drawn from `rng` when `dropout > 0`.
-    fn draw_dropout(&self, rng: &mut Rng) -> Option<Dropout> {
-        (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()))
     }
 
     /// Training forward: `y (N, out)` (no bias) and what backward needs. A dropout mask seed
@@ -327,81 +447,65 @@ impl LoraAdapter {
         rng: &mut Rng,
         factored: bool,
     ) -> (Option<Vec<f32>>, LoraSaved) {
-        let (out, r, s) = (self.out_features, self.r, self.scaling);
-        let dora = self.lora_magnitude_vector.is_some() && self.w_norm_sq.is_some();
-        let dropout = self.draw_dropout(rng);
+        let low = self.low();
+        let (inp, out, r) = (low.in_features, low.out_features, low.r);
+        let dropout = low.draw_dropout(rng);
+        let Some(d) = self.dora() else {
+            let u = low.xd_at(x, n, dropout.as_ref());
+            let mut y = base.forward(x, n);
+            low.add_ubt(&mut y, &u, n);
+            let saved = LoraSaved {
+                dropout,
+                u,
+                dora: None,
+            };
+            return (Some(y), saved);
+        };
         // PEFT's form of DoRA multiplies the dropped-out input by W as well: it is built here
         // (with room for A's rows, see below) and `u` taken from it, without a second mask.
-        let base_dropout = dora && self.dora_dropout == DoraDropout::Peft && dropout.is_some();
-        let xd = dropout.as_ref().filter(|_| base_dropout).map(|d| {
-            let inp = self.in_features;
+        let base_dropout = d.dropout_form == DoraDropout::Peft && dropout.is_some();
+        let xd = dropout.as_ref().filter(|_| base_dropout).map(|dr| {
             let mut xd = Vec::with_capacity((n + r) * inp);
             xd.resize(n * inp, 0.0);
-            d.apply(x, &mut xd);
+            dr.apply(x, &mut xd);
             xd
         });
         let u = match &xd {
-            Some(xd) => lowrank::xd_at(xd, n, self.in_features, &self.lora_a, r, None),
-            None => lowrank::xd_at(x, n, self.in_features, &self.lora_a, r, dropout.as_ref()),
-        };
-        let (Some(m), Some(w2)) = (&self.lora_magnitude_vector, &self.w_norm_sq) else {
-            let mut y = base.forward(x, n);
-            gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
-            return (
-                Some(y),
-                LoraSaved {
-                    dropout,
-                    u,
-                    dora: None,
-                },
-            );
+            Some(xd) => low.xd_at(xd, n, None),
+            None => low.xd_at(x, n, dropout.as_ref()),
         };
         // `x_d·Wᵀ` (PEFT's form) from the same pass over the weight as `x·Wᵀ` and `W·Aᵀ`.
         let (mut y, xd_wt, wat) = match xd {
             Some(xd) => {
-                let (y, xd_wt, wat) = base.forward_pair_and_times_at(x, n, xd, &self.lora_a, r);
+                let (y, xd_wt, wat) = base.forward_pair_and_times_at(x, n, xd, &low.lora_a, r);
                 (y, Some(xd_wt), wat)
             }
             None => {
-                let (y, wat) = base.forward_and_times_at(x, n, &self.lora_a, r);
+                let (y, wat) = base.forward_and_times_at(x, n, &low.lora_a, r);
                 (y, None, wat)
             }
         };
-        let norm = dora::weight_norm_with(&wat, w2, &self.lora_a, &self.lora_b, r, s);
-        let k = dora::magnitude_scale(m, &norm);
+        let norm =
+            dora::weight_norm_with(&wat, &d.w_norm_sq, &low.lora_a, &low.lora_b, r, low.scaling);
+        let k = dora::magnitude_scale(&d.magnitude, &norm);
         let z = if let Some(mut z) = xd_wt {
             // z = x_d·Wᵀ + s·u·Bᵀ;  y = x·Wᵀ + (k−1)⊙(x_d·Wᵀ) + k⊙(s·u·Bᵀ).
             let mut v = vec![0f32; n * out];
-            gemm_acc_ubt(&mut v, &u, &self.lora_b, n, out, r, s);
-            y.par_chunks_mut(out * ROWS)
-                .zip(z.par_chunks_mut(out * ROWS))
-                .zip(v.par_chunks(out * ROWS))
-                .for_each(|((yr, zr), vr)| {
-                    for ((y, z), v) in yr
-                        .chunks_mut(out)
-                        .zip(zr.chunks_mut(out))
-                        .zip(vr.chunks(out))
-                    {
-                        for ((y, z), (&v, &k)) in y.iter_mut().zip(z).zip(v.iter().zip(&k)) {
-                            let bt = *z;
-                            *y += (k - 1.0) * bt + k * v;
-                            *z = bt + v;
-                        }
-                    }
-                });
+            low.add_ubt(&mut v, &u, n);
+            dora::combine_base_dropout(&mut y, &mut z, &v, &k);
             z
         } else {
             // z = x·Wᵀ + s·u·Bᵀ (built in y's buffer);  y = k⊙z, unless the caller takes
             // the factors.
-            gemm_acc_ubt(&mut y, &u, &self.lora_b, n, out, r, s);
+            low.add_ubt(&mut y, &u, n);
             let z = std::mem::take(&mut y);
             if !factored {
-                y = scale_columns(&z, out, &k);
+                y = dora::scale_columns(&z, out, &k);
             }
             z
         };
         let y = (!factored || base_dropout).then_some(y);
-        let dora = DoraSaved {
+        let saved = DoraSaved {
             k,
             norm,
             z,
@@ -412,7 +516,7 @@ impl LoraAdapter {
             LoraSaved {
                 dropout,
                 u,
-                dora: Some(dora),
+                dora: Some(saved),
             },
         )
     }
@@ -421,10 +525,12 @@ impl LoraAdapter {
     /// recomputes a layer whose output nobody reads): LoRA skips the base product; DoRA needs
     /// it for `z`. Draws from `rng` exactly as [`forward_train`](Self::forward_train) does.
     pub fn saved_only(&self, base: &BaseWeight, x: &[f32], n: usize, rng: &mut Rng) -> LoraSaved {
-        if self.lora_magnitude_vector.is_some() {
+        if self.dora().is_some() {
             return self.train_forward(base, x, n, rng, true).1;
         }
-        let (dropout, u) = self.low_rank_input(x, n, rng);
+        let low = self.low();
+        let dropout = low.draw_dropout(rng);
+        let u = low.xd_at(x, n, dropout.as_ref());
         LoraSaved {
             dropout,
             u,
@@ -442,7 +548,7 @@ impl LoraAdapter {
         dy: &[f32],
         n: usize,
     ) -> (Vec<f32>, LoraGrads) {
-        let (dx, grads) = self.backward_with(saved, base, x, dy, n, true);
+        let (dx, grads) = self.backward_with(saved, base, (x, dy, n), true);
         (dx.expect("the input gradient was asked for"), grads)
     }
 
@@ -457,19 +563,18 @@ impl LoraAdapter {
         dy: &[f32],
         n: usize,
     ) -> LoraGrads {
-        self.backward_with(saved, base, x, dy, n, false).1
+        self.backward_with(saved, base, (x, dy, n), false).1
     }
 
     fn backward_with(
         &self,
         saved: LoraSaved,
         base: &BaseWeight,
-        x: &[f32],
-        dy: &[f32],
-        n: usize,
+        (x, dy, n): (&[f32], &[f32], usize),
         want_dx: bool,
     ) -> (Option<Vec<f32>>, LoraGrads) {
-        let (inp, out, r, s) = (self.in_features, self.out_features, self.r, self.scaling);
+        let low = self.low();
+        let (inp, out, r, s) = (low.in_features, low.out_features, low.r, low.scaling);
         let LoraSaved { dropout, u, dora } = saved;
         // g: the output gradient of the low-rank path before `s` (k⊙dy for DoRA, dy for LoRA).
         let mut d_m = None;
@@ -478,14 +583,14 @@ impl LoraAdapter {
         let mut base_dropout = false;
         if let Some(d) = dora {
             base_dropout = d.base_dropout;
-            let (g, g1, dm) = dora_output_grads(dy, d, n, out);
+            let (g, g1, dm) = dora::output_grads(dy, d, n, out);
             d_m = Some(dm);
             kdy = Some(g);
             km1dy = g1;
         }
         // dB = s·gᵀ·u, du = s·g·B.
         let g: &[f32] = kdy.as_deref().unwrap_or(dy);
-        let (d_lora_b, du) = lowrank::grad_b_and_du(g, n, out, &u, &self.lora_b, r, s);
+        let (d_lora_b, du) = lowrank::grad_b_and_du(g, n, out, &u, &low.lora_b, r, s);
         // The base takes dy (LoRA, PEFT-form DoRA, which frees k⊙dy here) or k⊙dy (DoRA
         // without base dropout).
         if base_dropout {
@@ -504,15 +609,19 @@ impl LoraAdapter {
         };
         drop((kdy, km1dy));
         // dA = duᵀ·x_d;  dx += dropoutᵀ(du·A [+ ((k−1)⊙dy)·W]).
-        let d_lora_a = lowrank::grad_a_and_dx(
-            &du,
-            n,
-            r,
+        let mask = dropout.as_ref().map(Dropout::mask);
+        let input = Input {
             x,
-            &self.lora_a,
+            n,
             inp,
+            mask: mask.as_ref(),
+        };
+        let d_lora_a = lowrank::grad_a_and_dx(
+            input,
+            &du,
+            &low.lora_a,
+            r,
             extra.as_deref(),
-            dropout.as_ref(),
             dx.as_deref_mut(),
         );
         (
@@ -526,328 +635,68 @@ impl LoraAdapter {
     }
 }
 
-/// `y (n×out) += s · u (n×r) · Bᵀ` for `B (out×r)`, in one gemm (the scale rides along).
-fn gemm_acc_ubt(y: &mut [f32], u: &[f32], b: &[f32], n: usize, out: usize, r: usize, s: f32) {
-    ops::gemm_scaled(n, out, r, y, out, true, u, r, 1, b, 1, r, s, ops::threads());
-}
-
-/// DoRA's output-side gradients in one pass over `dy`: `k⊙dy` (N, out), written over `z` once
-/// each element of `z` has been read (no new buffer), `(k−1)⊙dy` when the base saw the
-/// dropped-out input, and `dm = Σ_rows dy⊙z / ‖·‖` (out; partial sums per fixed row block,
-/// added in order, so the result does not depend on thread scheduling).
-fn dora_output_grads(
-    dy: &[f32],
-    d: DoraSaved,
-    n: usize,
-    out: usize,
-) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
-    let DoraSaved {
-        k,
-        norm,
-        mut z,
-        base_dropout,
-    } = d;
-    assert!(dy.len() == n * out && z.len() == n * out, "DoRA dy/z shape");
-    let block = out * ROWS;
-    let partials: Vec<Vec<f32>> = z
-        .par_chunks_mut(block)
-        .zip(dy.par_chunks(block))
-        .map(|(zr, dr)| {
-            let mut acc = vec![0f32; out];
-            for (z, dy) in zr.chunks_mut(out).zip(dr.chunks(out)) {
-                // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
-                for ((a, z), (&dy, &k)) in acc.iter_mut().zip(z).zip(dy.iter().zip(&k)) {
-                    *a += dy * *z;
-                    *z = k * dy;
-                }
-            }
-            acc
-        })
-        .collect();
-    let g1 = base_dropout.then(|| {
-        let km1: Vec<f32> = k.iter().map(|k| k - 1.0).collect();
-        scale_columns(dy, out, &km1)
-    });
-    let mut dm = ops::reduce_parts(&partials, out);
-    for (v, nn) in dm.iter_mut().zip(&norm) {
-        *v /= nn.max(dora::NORM_EPS);
+impl LowRank {
+    /// # Panics
+    /// If the lengths do not match the rank and the base's shape.
+    fn new(base: &BaseWeight, opts: &AdapterOptions, lora_a: Vec<f32>, lora_b: Vec<f32>) -> Self {
+        let (out, inp, r) = (base.out_features(), base.in_features(), opts.r);
+        assert_eq!(lora_a.len(), r * inp, "lora_A length");
+        assert_eq!(lora_b.len(), out * r, "lora_B length");
+        LowRank {
+            lora_a,
+            lora_b,
+            r,
+            in_features: inp,
+            out_features: out,
+            scaling: opts.scaling,
+            dropout: opts.dropout,
+        }
     }
-    (z, g1, dm)
+
+    /// The dropout of this call, its seed drawn from `rng` when `dropout > 0`.
+    fn draw_dropout(&self, rng: &mut Rng) -> Option<Dropout> {
+        (self.dropout > 0.0).then(|| Dropout::new(self.dropout, rng.next_u64()))
+    }
+
+    /// `u (N, R) = x_d·Aᵀ`, with `x_d` dropped out by `dropout` when given.
+    fn xd_at(&self, x: &[f32], n: usize, dropout: Option<&Dropout>) -> Vec<f32> {
+        let mask = dropout.map(Dropout::mask);
+        let input = Input {
+            x,
+            n,
+            inp: self.in_features,
+            mask: mask.as_ref(),
+        };
+        lowrank::xd_at(input, &self.lora_a, self.r)
+    }
+
+    /// `y (n×out) += s · u (n×r) · Bᵀ` in one gemm (the scale rides along).
+    fn add_ubt(&self, y: &mut [f32], u: &[f32], n: usize) {
+        let (out, r) = (self.out_features, self.r);
+        let b = MatRef::new(&self.lora_b, out, r);
+        let dst = MatMut::new(y, n, out);
+        ops::gemm(
+            dst,
+            Accum::Add,
+            MatRef::new(u, n, r),
+            b.t(),
+            self.scaling,
+            Par::All,
+        );
+    }
 }
 
-/// `y[i, o] = c[o] · x[i, o]` for rows of `width` (DoRA's `k⊙z`, `(k−1)⊙dy`), in parallel,
-/// into a new vector that is not zeroed first.
-fn scale_columns(x: &[f32], width: usize, c: &[f32]) -> Vec<f32> {
-    assert_eq!(c.len(), width, "one factor per column");
-    assert_eq!(x.len() % width.max(1), 0, "whole rows");
-    // SAFETY: the row blocks of the output pair with those of `x` (same length), and every
-    // element of each row is written.
-    unsafe {
-        ops::filled(x.len(), |y| {
-            y.par_chunks_mut(width * ROWS)
-                .zip(x.par_chunks(width * ROWS))
-                .for_each(|(yr, xr)| {
-                    for (y, x) in yr.chunks_mut(width).zip(xr.chunks(width)) {
-                        for (y, (&x, &c)) in y.iter_mut().zip(x.iter().zip(c)) {
-                            y.write(c * x);
-                        }
-                    }
-                })
-        })
+impl Dora {
+    fn new(low: LowRank, magnitude: Vec<f32>, w_norm_sq: Vec<f32>, form: DoraDropout) -> Self {
+        Dora {
+            low,
+            magnitude,
+            w_norm_sq,
+            dropout_form: form,
+            eval_scale: OnceLock::new(),
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn setup(kind: AdapterKind, dropout: f32) -> (BaseWeight, LoraAdapter, Vec<f32>, usize) {
-        setup_on(kind, dropout, false)
-    }
-
-    /// [`setup`] on a dense or an NF4 base (the 4-bit kernels share tiles between products).
-    fn setup_on(
-        kind: AdapterKind,
-        dropout: f32,
-        quantized: bool,
-    ) -> (BaseWeight, LoraAdapter, Vec<f32>, usize) {
-        let (out, inp, r, n) = (5, 8, 2, 3);
-        let mut rng = Rng::new(1);
-        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.5).collect();
-        let base = if quantized {
-            let opts = crate::quant::QuantizeOptions::default();
-            let q = crate::quant::QuantizedWeight::quantize(
-                &w,
-                &[out, inp],
-                crate::quant::Dtype::F32,
-                opts,
-            );
-            BaseWeight::Quant(q.expect("5×8 quantizes"))
-        } else {
-            BaseWeight::Dense { w, out, inp }
-        };
-        let mut a = LoraAdapter::new(
-            &base,
-            kind,
-            r,
-            1.5,
-            dropout,
-            InitLoraWeights::Random,
-            &mut rng,
-        );
-        if let Some(m) = &mut a.lora_magnitude_vector {
-            for (i, v) in m.iter_mut().enumerate() {
-                *v *= 1.0 + 0.1 * i as f32;
-            }
-        }
-        let x: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();
-        (base, a, x, n)
-    }
-
-    /// Loss = Σ c ⊙ y with fixed c; compares analytic and central-difference grads.
-    fn grad_check(kind: AdapterKind, dropout: f32, where_: DoraDropout) {
-        grad_check_on(kind, dropout, where_, false);
-    }
-
-    fn grad_check_on(kind: AdapterKind, dropout: f32, where_: DoraDropout, quantized: bool) {
-        let (base, mut a, x, n) = setup_on(kind, dropout, quantized);
-        a.dora_dropout = where_;
-        let a = a;
-        let out = a.out_features;
-        let c: Vec<f32> = (0..n * out)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
-            .collect();
-        let loss = |ad: &LoraAdapter, x: &[f32]| -> f64 {
-            let (y, _) = ad.forward_train(&base, x, n, &mut Rng::new(9));
-            y.iter().zip(&c).map(|(y, c)| (y * c) as f64).sum()
-        };
-        let (_, saved) = a.forward_train(&base, &x, n, &mut Rng::new(9));
-        let (dx, g) = a.backward(saved, &base, &x, &c, n);
-        let h = 1e-2f32;
-        let norm0 = a.weight_norm(&base);
-        // DoRA's norm is detached: when A or B move, rescale m so that k = m/‖W+sBA‖ stays put.
-        let detach = |p: &mut LoraAdapter| {
-            let nn = p.weight_norm(&base);
-            if let Some(m) = &mut p.lora_magnitude_vector {
-                let m0 = a.lora_magnitude_vector.as_ref().unwrap();
-                for o in 0..m.len() {
-                    m[o] = m0[o] / norm0[o] * nn[o];
-                }
-            }
-        };
-        let check = |name: &str,
-                     analytic: &[f32],
-                     get: &dyn Fn(&mut LoraAdapter, &mut Vec<f32>) -> *mut f32,
-                     len: usize| {
-            for i in 0..len {
-                let (mut p, mut xp) = (a.clone(), x.clone());
-                let ptr = get(&mut p, &mut xp);
-                // SAFETY: ptr points into p or xp, alive here.
-                unsafe { *ptr.add(i) += h };
-                if name != "m" {
-                    detach(&mut p);
-                }
-                p.weights_changed();
-                let lp = loss(&p, &xp);
-                unsafe { *ptr.add(i) -= 2.0 * h };
-                if name != "m" {
-                    detach(&mut p);
-                }
-                p.weights_changed();
-                let lm = loss(&p, &xp);
-                let num = (lp - lm) / (2.0 * h as f64);
-                assert!(
-                    (num - analytic[i] as f64).abs() < 2e-2 * (1.0 + num.abs()),
-                    "{name}[{i}]: numeric {num} analytic {}",
-                    analytic[i]
-                );
-            }
-        };
-        check(
-            "A",
-            &g.d_lora_a,
-            &|p, _| p.lora_a.as_mut_ptr(),
-            a.lora_a.len(),
-        );
-        check(
-            "B",
-            &g.d_lora_b,
-            &|p, _| p.lora_b.as_mut_ptr(),
-            a.lora_b.len(),
-        );
-        if let Some(dm) = &g.d_lora_magnitude_vector {
-            check(
-                "m",
-                dm,
-                &|p, _| p.lora_magnitude_vector.as_mut().unwrap().as_mut_ptr(),
-                out,
-            );
-        }
-        check("x", &dx, &|_, xp| xp.as_mut_ptr(), x.len());
-    }
-
-    #[test]
-    fn lora_gradients_match_finite_differences() {
-        grad_check(AdapterKind::Lora, 0.0, DoraDropout::Peft);
-        grad_check(AdapterKind::Lora, 0.3, DoraDropout::Peft);
-    }
-
-    #[test]
-    fn dora_gradients_match_finite_differences() {
-        for where_ in [DoraDropout::Peft, DoraDropout::LoraOnly] {
-            grad_check(AdapterKind::Dora, 0.0, where_);
-            grad_check(AdapterKind::Dora, 0.3, where_);
-        }
-    }
-
-    /// QDoRA: on a 4-bit base, PEFT's form takes `x·Wᵀ`, `x_d·Wᵀ` and `W·Aᵀ` from one pass of
-    /// dequantized tiles, and `dy·W` with `((k−1)⊙dy)·W` from another.
-    #[test]
-    fn dora_on_a_4bit_base_gradients_match_finite_differences() {
-        for where_ in [DoraDropout::Peft, DoraDropout::LoraOnly] {
-            grad_check_on(AdapterKind::Dora, 0.3, where_, true);
-        }
-        grad_check_on(AdapterKind::Lora, 0.3, DoraDropout::Peft, true);
-    }
-
-    /// The two DoRA dropout placements are the formulas they claim, checked against a direct
-    /// evaluation with the same mask.
-    #[test]
-    fn dora_dropout_forms() {
-        let (base, mut a, x, n) = setup(AdapterKind::Dora, 0.3);
-        let (out, r, s) = (a.out_features, a.r, a.scaling);
-        let seed = Rng::new(4).next_u64();
-        let x_d = Dropout::new(0.3, seed).applied(&x);
-        let k = dora::magnitude_scale(
-            a.lora_magnitude_vector.as_ref().unwrap(),
-            &a.weight_norm(&base),
-        );
-        let lowrank = {
-            let u = ops::matmul_nt(&x_d, n, &a.lora_a, r, a.in_features);
-            ops::matmul_nt(&u, n, &a.lora_b, out, r)
-        };
-        let (yb, ybd) = (base.forward(&x, n), base.forward(&x_d, n));
-        for (where_, want) in [
-            (
-                DoraDropout::Peft,
-                (0..n * out)
-                    .map(|i| yb[i] + (k[i % out] - 1.0) * ybd[i] + k[i % out] * s * lowrank[i])
-                    .collect::<Vec<_>>(),
-            ),
-            (
-                DoraDropout::LoraOnly,
-                (0..n * out)
-                    .map(|i| k[i % out] * (yb[i] + s * lowrank[i]))
-                    .collect(),
-            ),
-        ] {
-            a.dora_dropout = where_;
-            let (y, _) = a.forward_train(&base, &x, n, &mut Rng::new(4));
-            for (p, q) in y.iter().zip(&want) {
-                assert!((p - q).abs() < 1e-5, "{where_:?}: {p} vs {q}");
-            }
-        }
-    }
-
-    /// `output_factors` hands back `(z, k)` with `k[o]·z[i, o]` the forward's output to the
-    /// bit where that holds (DoRA without base dropout), and nothing where it does not.
-    #[test]
-    fn output_factors_rebuild_the_output_exactly() {
-        for (kind, p, where_, exact) in [
-            (AdapterKind::Dora, 0.3, DoraDropout::LoraOnly, true),
-            (AdapterKind::Dora, 0.0, DoraDropout::Peft, true),
-            (AdapterKind::Dora, 0.3, DoraDropout::Peft, false),
-            (AdapterKind::Lora, 0.3, DoraDropout::LoraOnly, false),
-        ] {
-            let (base, mut a, x, n) = setup(kind, p);
-            a.dora_dropout = where_;
-            let (y, saved) = a.forward_train(&base, &x, n, &mut Rng::new(5));
-            // The factored forward forms the output exactly where the factors are not kept.
-            let (yf, _) = a.forward_train_factored(&base, &x, n, &mut Rng::new(5));
-            match yf {
-                Some(yf) => assert!(!exact && yf == y, "{kind:?} {p} {where_:?}"),
-                None => assert!(exact, "{kind:?} {p} {where_:?}: no output, no factors"),
-            }
-            let Some((z, k)) = saved.output_factors() else {
-                assert!(!exact, "{kind:?} {p} {where_:?}: no factors");
-                continue;
-            };
-            assert!(exact, "{kind:?} {p} {where_:?}: factors where y ≠ k⊙z");
-            let out = a.out_features;
-            assert_eq!(z.len(), y.len());
-            for (i, (&y, &z)) in y.iter().zip(z).enumerate() {
-                assert_eq!(y.to_bits(), (k[i % out] * z).to_bits(), "element {i}");
-            }
-        }
-    }
-
-    #[test]
-    fn forward_equals_forward_train_without_dropout_and_dora_init_equals_lora() {
-        for kind in [AdapterKind::Lora, AdapterKind::Dora] {
-            let (base, a, x, n) = setup(kind, 0.0);
-            let f = a.forward(&base, &x, n);
-            let (t, _) = a.forward_train(&base, &x, n, &mut Rng::new(0));
-            for (p, q) in f.iter().zip(&t) {
-                assert!((p - q).abs() < 1e-6);
-            }
-        }
-        // DoRA with m = ‖W + sBA‖ (fresh init) equals LoRA (PEFT test_4bit_dora_inference).
-        let (base, a, x, n) = setup(AdapterKind::Lora, 0.0);
-        let m = a.weight_norm(&base);
-        let d = LoraAdapter::from_weights(
-            &base,
-            a.lora_a.clone(),
-            a.lora_b.clone(),
-            Some(m),
-            a.r,
-            a.scaling,
-            0.0,
-            AdapterKind::Dora,
-        );
-        let l = a.forward(&base, &x, n);
-        let dd = d.forward(&base, &x, n);
-        for (p, q) in l.iter().zip(&dd) {
-            assert!((p - q).abs() < 1e-5);
-        }
-    }
-}
+mod tests;

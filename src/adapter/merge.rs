@@ -9,14 +9,14 @@ use crate::ops;
 
 /// The merged dense weight (out × in), f32.
 pub fn merged_weight(base: &BaseWeight, adapter: &LoraAdapter) -> Vec<f32> {
-    let (out, inp, r) = (adapter.out_features, adapter.in_features, adapter.r);
+    let (out, inp, r) = (adapter.out_features(), adapter.in_features(), adapter.r());
     let mut w = base.to_f32().into_owned();
-    let ba = ops::matmul_nn(&adapter.lora_b, out, &adapter.lora_a, r, inp);
-    let s = adapter.scaling;
+    let ba = ops::matmul_nn(adapter.lora_b(), out, adapter.lora_a(), r, inp);
+    let s = adapter.scaling();
     for (wv, d) in w.iter_mut().zip(&ba) {
         *wv += s * d;
     }
-    if let Some(m) = &adapter.lora_magnitude_vector {
+    if let Some(m) = adapter.magnitude() {
         for (o, row) in w.chunks_mut(inp).enumerate() {
             let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
             let k = m[o] / n.max(dora::NORM_EPS);
@@ -30,7 +30,7 @@ pub fn merged_weight(base: &BaseWeight, adapter: &LoraAdapter) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::adapter::config::InitLoraWeights;
-    use crate::adapter::lora::AdapterKind;
+    use crate::adapter::lora::{AdapterKind, AdapterOptions, AdapterParam, DoraDropout};
     use crate::ops::Rng;
 
     #[test]
@@ -40,9 +40,15 @@ mod tests {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal()).collect();
         let base = BaseWeight::Dense { w, out, inp };
         for kind in [AdapterKind::Lora, AdapterKind::Dora] {
-            let mut a =
-                LoraAdapter::new(&base, kind, 3, 2.0, 0.0, InitLoraWeights::Random, &mut rng);
-            if let Some(m) = &mut a.lora_magnitude_vector {
+            let opts = AdapterOptions {
+                kind,
+                r: 3,
+                scaling: 2.0,
+                dropout: 0.0,
+                dora_dropout: DoraDropout::Peft,
+            };
+            let mut a = LoraAdapter::new(&base, &opts, InitLoraWeights::Random, &mut rng);
+            if let Some(m) = a.param_mut(AdapterParam::Magnitude) {
                 m.iter_mut().for_each(|v| *v *= 1.3);
             }
             let x: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();

@@ -10,7 +10,6 @@ pub mod dora;
 pub mod dropout;
 pub mod error;
 pub mod lora;
-pub mod lowrank;
 pub mod merge;
 pub mod peft_io;
 
@@ -18,4 +17,7 @@ pub use base::BaseWeight;
 pub use config::{Bias, InitLoraWeights, LoraConfig, Resolved, TargetModules};
 pub use dropout::Dropout;
 pub use error::{Error, Result};
-pub use lora::{AdapterKind, DoraDropout, LoraAdapter, LoraGrads, LoraSaved};
+pub use lora::{
+    AdapterKind, AdapterOptions, AdapterParam, AdapterWeights, DoraDropout, LoraAdapter, LoraGrads,
+    LoraSaved,
+};

@@ -9,23 +9,29 @@ use std::path::Path;
 
 use super::config::LoraConfig;
 use super::error::{Error, Result};
-use super::lora::LoraAdapter;
+use super::lora::{AdapterParam, AdapterWeights, LoraAdapter};
 use crate::io::{self, Checkpoint, OwnedTensor};
 
 /// Prefix PEFT puts before module paths in adapter files.
 pub const PREFIX: &str = "base_model.model.";
 
-/// Key of `lora_A` for a module path.
-pub fn key_a(module: &str) -> String {
-    format!("{PREFIX}{module}.lora_A.weight")
+/// Key of an adapter tensor of a module path (the DoRA magnitude without `.weight`, as PEFT
+/// writes it).
+pub fn key(module: &str, p: AdapterParam) -> String {
+    match p {
+        AdapterParam::LoraA => format!("{PREFIX}{module}.lora_A.weight"),
+        AdapterParam::LoraB => format!("{PREFIX}{module}.lora_B.weight"),
+        AdapterParam::Magnitude => format!("{PREFIX}{module}.lora_magnitude_vector"),
+    }
 }
-/// Key of `lora_B`.
-pub fn key_b(module: &str) -> String {
-    format!("{PREFIX}{module}.lora_B.weight")
-}
-/// Key of the DoRA magnitude (without `.weight`, as PEFT writes it).
-pub fn key_m(module: &str) -> String {
-    format!("{PREFIX}{module}.lora_magnitude_vector")
+
+/// The stored shape of an adapter tensor: `lora_A` (R, in), `lora_B` (out, R), `m` (out).
+fn shape(r: usize, out: usize, inp: usize, p: AdapterParam) -> Vec<usize> {
+    match p {
+        AdapterParam::LoraA => vec![r, inp],
+        AdapterParam::LoraB => vec![out, r],
+        AdapterParam::Magnitude => vec![out],
+    }
 }
 /// Key of a full parameter (bias, modules_to_save weight) by its model key.
 pub fn key_param(param: &str) -> String {
@@ -50,18 +56,11 @@ pub fn save(
     })?;
     let mut tensors = Vec::new();
     for (module, a) in adapters {
-        tensors.push(OwnedTensor::f32(
-            key_a(module),
-            vec![a.r, a.in_features],
-            &a.lora_a,
-        ));
-        tensors.push(OwnedTensor::f32(
-            key_b(module),
-            vec![a.out_features, a.r],
-            &a.lora_b,
-        ));
-        if let Some(m) = &a.lora_magnitude_vector {
-            tensors.push(OwnedTensor::f32(key_m(module), vec![a.out_features], m));
+        for &p in a.params() {
+            if let Some(data) = a.param(p) {
+                let shape = shape(a.r(), a.out_features(), a.in_features(), p);
+                tensors.push(OwnedTensor::f32(key(module, p), shape, data));
+            }
         }
     }
     for (name, shape, data) in params {
@@ -76,9 +75,6 @@ pub fn save(
     io::write_text(&dir.join("adapter_config.json"), &config.to_json())?;
     Ok(())
 }
-
-/// `(lora_A, lora_B, magnitude)` of one module.
-pub type ModuleTensors = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 
 /// The tensors of an adapter file, taken out one module at a time by the model while it wraps
 /// its layers; [`finish`](Self::finish) then reports everything that did not fit.
@@ -143,21 +139,24 @@ impl AdapterFile {
     pub fn take_module(
         &mut self,
         module: &str,
-        r: usize,
-        out: usize,
-        inp: usize,
+        (r, out, inp): (usize, usize, usize),
         dora: bool,
-    ) -> Option<ModuleTensors> {
-        let a = self.take(&key_a(module), &[r, inp]);
-        let b = self.take(&key_b(module), &[out, r]);
-        let m = if dora {
-            Some(self.take(&key_m(module), &[out]))
-        } else {
-            None
-        };
+    ) -> Option<AdapterWeights> {
+        let mut take = |p| self.take(&key(module, p), &shape(r, out, inp, p));
+        let a = take(AdapterParam::LoraA);
+        let b = take(AdapterParam::LoraB);
+        let m = dora.then(|| take(AdapterParam::Magnitude));
         match (a, b, m) {
-            (Some(a), Some(b), None) => Some((a, b, None)),
-            (Some(a), Some(b), Some(Some(m))) => Some((a, b, Some(m))),
+            (Some(lora_a), Some(lora_b), None) => Some(AdapterWeights {
+                lora_a,
+                lora_b,
+                magnitude: None,
+            }),
+            (Some(lora_a), Some(lora_b), Some(Some(m))) => Some(AdapterWeights {
+                lora_a,
+                lora_b,
+                magnitude: Some(m),
+            }),
             _ => None,
         }
     }

@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::adapter::DoraDropout;
+use crate::quant::{Dtype, QuantType};
+use crate::train::{Mode, TrainOverrides};
 
 /// qdora: fine-tune Hugging Face Llama-family models with QDoRA, QLoRA, DoRA, LoRA or in full,
 /// on a CPU, with PEFT-compatible adapters.
@@ -71,73 +75,12 @@ pub struct TrainArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/qdora")]
     pub out: PathBuf,
-    /// TOML file with settings (flags override it).
+    /// TOML file with settings (its keys are the flags' names with `_`; flags override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// full | lora | dora | qlora | qdora.
-    #[arg(long)]
-    pub mode: Option<String>,
-    /// LoRA rank.
-    #[arg(long)]
-    pub r: Option<usize>,
-    /// LoRA alpha.
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// LoRA dropout.
-    #[arg(long)]
-    pub lora_dropout: Option<f64>,
-    /// Where DoRA applies the dropout in training: peft (PEFT's formula, a second base
-    /// product) or lora-only (torchtune's DoRALinear: the low-rank path only).
-    #[arg(long)]
-    pub dora_dropout: Option<String>,
-    /// Comma-separated module names, or all-linear.
-    #[arg(long)]
-    pub target_modules: Option<String>,
-    /// rsLoRA scaling (alpha/√r).
-    #[arg(long)]
-    pub use_rslora: bool,
-    /// Peak learning rate.
-    #[arg(long)]
-    pub lr: Option<f32>,
-    /// constant | linear | cosine.
-    #[arg(long)]
-    pub schedule: Option<String>,
-    /// Warm-up steps.
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    /// AdamW weight decay.
-    #[arg(long)]
-    pub weight_decay: Option<f32>,
-    /// Global gradient-norm clip (0 = off).
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// Passes over the data.
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Optimizer steps (overrides --epochs).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Sequences per micro-batch.
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step.
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Tokens per sequence.
-    #[arg(long)]
-    pub seq_len: Option<usize>,
-    /// Seed.
-    #[arg(long)]
-    pub seed: Option<u64>,
     /// Evaluation data (else a held-out fraction).
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
-    /// Evaluate every N steps.
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// Checkpoint every N steps.
-    #[arg(long)]
-    pub save_every: Option<usize>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
@@ -147,20 +90,14 @@ pub struct TrainArgs {
     /// Start even if the memory estimate exceeds available memory.
     #[arg(long)]
     pub force: bool,
-    /// Activation checkpointing on.
-    #[arg(long, overrides_with = "no_gradient_checkpointing")]
-    pub gradient_checkpointing: bool,
-    /// Activation checkpointing off.
-    #[arg(long)]
+    /// The training settings (each also a key of the --config file).
+    #[command(flatten)]
+    pub settings: TrainOverrides,
+    /// Activation checkpointing off (= --gradient-checkpointing false).
+    #[arg(long, conflicts_with = "gradient_checkpointing")]
     pub no_gradient_checkpointing: bool,
-    /// Skip unparsable records (counted and reported).
-    #[arg(long)]
-    pub skip_bad_records: bool,
-    /// Train on prompt tokens of alpaca/chat records too.
-    #[arg(long)]
-    pub train_on_prompt: bool,
-    /// Pad each record instead of packing records into a stream.
-    #[arg(long)]
+    /// Pad each record instead of packing records into a stream (= --packing false).
+    #[arg(long, conflicts_with = "packing")]
     pub no_packing: bool,
     /// After training, generate from this prompt with the new adapter.
     #[arg(long)]
@@ -246,8 +183,8 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// nf4 | fp4.
-    #[arg(long, default_value = "nf4")]
-    pub quant_type: String,
+    #[arg(long, value_enum, default_value_t = QuantType::Nf4)]
+    pub quant_type: QuantType,
     /// Elements per absmax block.
     #[arg(long, default_value_t = 64)]
     pub blocksize: usize,
@@ -258,8 +195,8 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub no_double_quant: bool,
     /// bnb_4bit_compute_dtype written to the config.
-    #[arg(long, default_value = "float32")]
-    pub compute_dtype: String,
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub compute_dtype: Dtype,
     /// Comma-separated modules to keep dense (llm_int8_skip_modules).
     #[arg(long)]
     pub skip_modules: Option<String>,
@@ -281,8 +218,8 @@ pub struct MergeArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// f32 | bf16 | f16 for the dense output.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
     /// Write a bitsandbytes 4-bit checkpoint (re-quantized, as PEFT's 4-bit merge).
     #[arg(long)]
     pub requantize: bool,
@@ -291,11 +228,36 @@ pub struct MergeArgs {
     pub overwrite: bool,
 }
 
+/// What `qdora bench` measures.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchWhat {
+    /// Quantization kernels: quantize, dequantize, 4-bit matmuls next to dense ones.
+    Quant,
+    /// One adapted Linear's forward + backward in the five flavours.
+    Layers,
+    /// Whole training steps (tokens/s, MFU, peak memory).
+    Train,
+    /// Prefill and KV-cached decoding.
+    Generate,
+}
+
+/// Which bases `qdora bench generate` measures.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchWeights {
+    /// As stored and quantized to NF4.
+    Both,
+    /// As stored (f32 for a preset).
+    F32,
+    /// Quantized to NF4 on load.
+    Nf4,
+}
+
 /// `qdora bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// quant | layers | train | generate.
-    pub what: String,
+    /// What to measure.
+    #[arg(value_enum)]
+    pub what: BenchWhat,
     /// Model folder (train).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -304,8 +266,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub preset: Option<String>,
     /// Mode (train).
-    #[arg(long, default_value = "qdora")]
-    pub mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Qdora)]
+    pub mode: Mode,
     /// Sequences per step.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -322,15 +284,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.1)]
     pub lora_dropout: f64,
     /// DoRA dropout placement (train, layers): peft | lora-only.
-    #[arg(long, default_value = "peft")]
-    pub dora_dropout: String,
+    #[arg(long, value_enum, default_value_t = DoraDropout::Peft)]
+    pub dora_dropout: DoraDropout,
     /// Smaller shapes (quick check).
     #[arg(long)]
     pub quick: bool,
     /// Bases to measure (generate): both, f32 (as stored) or nf4 (quantized on load; a
     /// llama2-7b preset fits in memory only as nf4).
-    #[arg(long, default_value = "both")]
-    pub weights: String,
+    #[arg(long, value_enum, default_value_t = BenchWeights::Both)]
+    pub weights: BenchWeights,
 }
 
 /// `qdora compare`.
@@ -349,14 +311,19 @@ pub struct CompareArgs {
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
     /// Comma-separated modes.
-    #[arg(long, default_value = "full,lora,qlora,dora,qdora")]
-    pub modes: String,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "full,lora,qlora,dora,qdora"
+    )]
+    pub modes: Vec<Mode>,
     /// Optimizer steps per mode.
     #[arg(long, default_value_t = 200)]
     pub steps: usize,
     /// Rank(s): one value, or a comma-separated sweep (e.g. 2,4,8,16,32).
-    #[arg(long, default_value = "8")]
-    pub r: String,
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub r: Vec<usize>,
     /// LoRA alpha (default: 4 × r).
     #[arg(long)]
     pub lora_alpha: Option<f64>,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use super::args::BenchArgs;
+use super::args::{BenchArgs, BenchWeights, BenchWhat};
 use crate::bench;
 
 /// The preset name, the model folder, or the bundled model.
@@ -22,47 +22,39 @@ fn source(a: &BenchArgs) -> Result<String> {
 
 /// Runs `qdora bench`.
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
-    match a.what.as_str() {
-        "quant" => {
+    match a.what {
+        BenchWhat::Quant => {
             for l in bench::quant(a.quick) {
                 println!("{}", serde_json::to_string(&l)?);
             }
         }
-        "layers" => {
-            let dd = super::parse_dora_dropout(&a.dora_dropout)?;
-            for l in bench::layers(a.quick, a.lora_dropout as f32, dd) {
+        BenchWhat::Layers => {
+            for l in bench::layers(a.quick, a.lora_dropout as f32, a.dora_dropout) {
                 println!("{}", serde_json::to_string(&l)?);
             }
         }
-        "train" => {
-            let source = source(&a)?;
-            let mode = super::parse_mode(&a.mode)?;
+        BenchWhat::Train => {
             let line = bench::train_step(&bench::TrainBenchOptions {
-                source,
-                mode,
+                source: source(&a)?,
+                mode: a.mode,
                 batch_size: a.batch_size,
                 seq_len: a.seq_len,
                 steps: a.steps.max(1),
                 gradient_checkpointing: a.gradient_checkpointing,
                 lora_dropout: a.lora_dropout,
-                dora_dropout: super::parse_dora_dropout(&a.dora_dropout)?,
+                dora_dropout: a.dora_dropout,
             })?;
             println!("{}", serde_json::to_string(&line)?);
         }
-        "generate" => {
-            let source = source(&a)?;
-            let nf4: &[bool] = match a.weights.as_str() {
-                "both" => &[false, true],
-                "f32" => &[false],
-                "nf4" => &[true],
-                other => anyhow::bail!("unknown --weights {other:?}: expected both, f32 or nf4"),
+        BenchWhat::Generate => {
+            let nf4: &[bool] = match a.weights {
+                BenchWeights::Both => &[false, true],
+                BenchWeights::F32 => &[false],
+                BenchWeights::Nf4 => &[true],
             };
-            for l in bench::generate(&source, a.seq_len, 64, nf4)? {
+            for l in bench::generate(&source(&a)?, a.seq_len, 64, nf4)? {
                 println!("{}", serde_json::to_string(&l)?);
             }
-        }
-        other => {
-            anyhow::bail!("unknown benchmark {other:?}: expected quant, layers, train or generate")
         }
     }
     Ok(ExitCode::SUCCESS)

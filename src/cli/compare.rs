@@ -12,8 +12,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::{load, BaseStorage, LoadOptions};
 use crate::train::compare::{curves_svg, markdown, rank_svg, CompareRow};
 use crate::train::data::{self, DataOptions};
-use crate::train::trainer::{evaluate, TrainSummary, PRESET_PREFIX};
-use crate::train::{Mode, TrainConfig};
+use crate::train::{evaluate, Mode, TrainConfig, TrainSummary, PRESET_PREFIX};
 
 /// Synthetic pre-tokenized data for random presets (speed and memory columns only).
 fn synthetic_data(path: &Path, vocab: usize, records: usize, len: usize, seed: u64) -> Result<()> {
@@ -31,19 +30,10 @@ fn synthetic_data(path: &Path, vocab: usize, records: usize, len: usize, seed: u
 
 /// Runs `qdora compare`.
 pub fn run(a: CompareArgs) -> Result<ExitCode> {
-    let modes: Vec<Mode> = a
-        .modes
-        .split(',')
-        .map(|m| Mode::parse(m.trim()).with_context(|| format!("--modes: unknown mode {m:?}")))
-        .collect::<Result<_>>()?;
-    let ranks: Vec<usize> =
-        a.r.split(',')
-            .map(|r| {
-                r.trim()
-                    .parse::<usize>()
-                    .with_context(|| format!("--r: {r:?} is not a rank"))
-            })
-            .collect::<Result<_>>()?;
+    let (modes, ranks) = (a.modes.clone(), a.r.clone());
+    if ranks.is_empty() || modes.is_empty() {
+        anyhow::bail!("--modes and --r need at least one value each");
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let (model, data): (PathBuf, PathBuf) = match &a.preset {
         Some(p) => {

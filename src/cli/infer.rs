@@ -26,7 +26,7 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
             let cfg: TrainConfig =
                 toml::from_str(&text).with_context(|| format!("parsing {}", tc.display()))?;
             if cfg.mode.quantized() {
-                storage = BaseStorage::Quantize(crate::train::trainer::quantize_options(&cfg));
+                storage = BaseStorage::Quantize(cfg.quantize_options());
             }
         }
     }
@@ -121,7 +121,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     model.ensure_positions(a.seq_len);
     let bar = ProgressBar::new(ds.sequences.len() as u64);
     let (sum, count) =
-        crate::train::trainer::evaluate_with(&mut model, &ds.sequences, a.batch_size, &mut |n| {
+        crate::train::evaluate_with(&mut model, &ds.sequences, a.batch_size, &mut |n| {
             bar.inc(n as u64)
         })?;
     bar.finish_and_clear();

@@ -49,18 +49,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// A `--mode` value.
-fn parse_mode(m: &str) -> Result<crate::train::Mode> {
-    crate::train::Mode::parse(m)
-        .with_context(|| format!("--mode {m}: expected full, lora, dora, qlora or qdora"))
-}
-
-/// A `--dora-dropout` value.
-fn parse_dora_dropout(d: &str) -> Result<crate::adapter::DoraDropout> {
-    crate::adapter::DoraDropout::parse(d)
-        .with_context(|| format!("--dora-dropout {d}: expected peft or lora-only"))
-}
-
 /// The model folder, or the bundled stories260K.
 fn model_dir(p: Option<PathBuf>) -> Result<PathBuf> {
     match p {
@@ -72,17 +60,6 @@ fn model_dir(p: Option<PathBuf>) -> Result<PathBuf> {
 fn qdora_embedded_model() -> Result<PathBuf> {
     crate::embedded::stories260k()
         .context("writing the bundled stories260K model to the temp directory")
-}
-
-/// Installs a Ctrl-C handler that asks the training loop to checkpoint and stop.
-fn install_interrupt_handler() {
-    extern "C" fn on_sigint(_: libc::c_int) {
-        crate::train::trainer::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
 }
 
 /// Refuses to write into a non-empty folder without --overwrite, or into the input folder.

@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::args::{MergeArgs, QuantizeArgs};
 use crate::io::{Checkpoint, StagedDir};
 use crate::model::load::{save, SaveAs};
-use crate::model::{adapters, LlamaConfig};
-use crate::quant::{bnb_io, Dtype, QuantType, QuantizeOptions};
+use crate::model::{adapters, LlamaConfig, Proj};
+use crate::quant::{bnb_io, QuantizeOptions};
 
 const COPY_FILES: [&str; 5] = [
     "tokenizer.json",
@@ -34,12 +34,12 @@ fn copy_side_files(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
 pub fn quantize(a: QuantizeArgs) -> Result<ExitCode> {
     super::check_out(&a.out, &a.model, a.overwrite)?;
     let opts = QuantizeOptions {
-        quant_type: QuantType::parse(&a.quant_type)?,
+        quant_type: a.quant_type,
         blocksize: a.blocksize,
         double_quant: !a.no_double_quant,
     };
     crate::quant::blockwise::check_blocksize(a.blocksize)?;
-    let compute = Dtype::parse(&a.compute_dtype)?;
+    let compute = a.compute_dtype;
     let config = LlamaConfig::load(&a.model)
         .with_context(|| format!("reading {}/config.json", a.model.display()))?;
     if config.raw.get("quantization_config").is_some() {
@@ -125,7 +125,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     let original_quant = model
         .layers
         .first()
-        .and_then(|l| match &l.linear("q_proj").weight {
+        .and_then(|l| match &l.linear(Proj::QProj).weight {
             crate::adapter::BaseWeight::Quant(q) => Some(QuantizeOptions {
                 quant_type: q.quant_type,
                 blocksize: q.blocksize,
@@ -137,7 +137,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     let how = if a.requantize {
         SaveAs::Quantized(original_quant.unwrap_or_default())
     } else {
-        SaveAs::Dense(Dtype::parse(&a.dtype)?)
+        SaveAs::Dense(a.dtype)
     };
     let staged = StagedDir::new(&a.out)?;
     save(&model, &staged.path, how)?;

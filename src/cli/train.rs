@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::args::TrainArgs;
-use crate::train::{self, Event, Mode, Observer, TrainConfig, TrainRun};
+use crate::train::{self, Event, Mode, Observer, TrainConfig, TrainOverrides, TrainRun};
 
 struct Bar {
     bar: Option<ProgressBar>,
@@ -80,77 +80,31 @@ fn is_demo(a: &TrainArgs) -> bool {
 
 /// Resolves settings: defaults (or the demo's) < TOML file < flags.
 fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut c = match &a.config {
+    let mut c = if is_demo(a) {
+        demo_config()
+    } else {
+        TrainConfig::default()
+    };
+    let file = match &a.config {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str::<TrainConfig>(&text)
+            toml::from_str::<TrainOverrides>(&text)
                 .with_context(|| format!("parsing {}", p.display()))?
         }
-        None if is_demo(a) => demo_config(),
-        None => TrainConfig::default(),
+        None => TrainOverrides::default(),
     };
-    if let Some(m) = &a.mode {
-        c.mode = super::parse_mode(m)?;
-    }
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
-    }
-    set!(
-        r,
-        lora_alpha,
-        lora_dropout,
-        lr,
-        warmup_steps,
-        weight_decay,
-        max_grad_norm,
-        epochs,
-        batch_size,
-        grad_accum,
-        seq_len,
-        seed,
-        eval_every,
-        save_every
-    );
-    if a.max_steps.is_some() {
-        c.max_steps = a.max_steps;
-    }
-    if let Some(d) = &a.dora_dropout {
-        c.dora_dropout = super::parse_dora_dropout(d)?;
-    }
-    if let Some(t) = &a.target_modules {
-        c.target_modules = t
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-    }
-    if let Some(s) = &a.schedule {
-        c.schedule = toml::Value::String(s.clone())
-            .try_into()
-            .with_context(|| format!("--schedule {s}: expected constant, linear or cosine"))?;
-    }
-    if a.use_rslora {
-        c.use_rslora = true;
-    }
-    if a.gradient_checkpointing {
-        c.gradient_checkpointing = Some(true);
-    }
+    let mut flags = a.settings.clone();
     if a.no_gradient_checkpointing {
-        c.gradient_checkpointing = Some(false);
-    }
-    if a.skip_bad_records {
-        c.skip_bad_records = true;
-    }
-    if a.train_on_prompt {
-        c.train_on_prompt = true;
+        flags.gradient_checkpointing = Some(Some(false));
     }
     if a.no_packing {
-        c.packing = false;
+        flags.packing = Some(false);
     }
     if a.eval_data.is_some() {
-        c.eval_fraction = 0.0;
+        flags.eval_fraction = Some(0.0);
     }
+    flags.or(file).apply_to(&mut c);
     Ok(c)
 }
 
@@ -173,7 +127,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         None => crate::embedded::tinyshakespeare()
             .context("writing the bundled tinyshakespeare text")?,
     };
-    super::install_interrupt_handler();
+    crate::sys::install_interrupt_handler();
     let run = TrainRun {
         model_dir: model_dir.clone(),
         data,

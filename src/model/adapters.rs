@@ -5,9 +5,12 @@
 use std::path::Path;
 
 use super::error::{Error, Result};
-use super::llama::{linear_path, Llama, LINEAR_NAMES};
+use super::llama::Llama;
+use super::params::{ParamId, Proj};
 use crate::adapter::peft_io::{self, AdapterFile};
-use crate::adapter::{AdapterKind, BaseWeight, Bias, LoraAdapter, LoraConfig};
+use crate::adapter::{
+    AdapterKind, AdapterOptions, BaseWeight, Bias, DoraDropout, LoraAdapter, LoraConfig,
+};
 use crate::ops::Rng;
 
 /// PEFT's default `target_modules` for llama / mistral / qwen2 / qwen3.
@@ -40,12 +43,29 @@ fn check_modules_to_save(cfg: &LoraConfig) -> Result<(bool, bool)> {
     Ok((embed, head))
 }
 
+/// The options of one module's adapter under `cfg` (rank and scaling resolved by the caller).
+fn options(cfg: &LoraConfig, r: usize, scaling: f32, dora_dropout: DoraDropout) -> AdapterOptions {
+    AdapterOptions {
+        kind: kind(cfg),
+        r,
+        scaling,
+        dropout: cfg.lora_dropout as f32,
+        dora_dropout,
+    }
+}
+
 /// Adds adapters to every targeted linear (fresh weights, PEFT's initialisation) and sets which
-/// biases and modules train. Returns the number of adapted modules.
+/// biases and modules train; DoRA adapters apply their training dropout as `dora_dropout`
+/// says. Returns the number of adapted modules.
 ///
 /// # Errors
 /// A config that targets nothing, a rank larger than a layer, or unsupported modules_to_save.
-pub fn attach(model: &mut Llama, cfg: &LoraConfig, rng: &mut Rng) -> Result<usize> {
+pub fn attach(
+    model: &mut Llama,
+    cfg: &LoraConfig,
+    dora_dropout: DoraDropout,
+    rng: &mut Rng,
+) -> Result<usize> {
     let init = cfg.init().map_err(|msg| crate::adapter::Error::Config {
         path: "<adapter config>".into(),
         field: "init_lora_weights".into(),
@@ -61,15 +81,8 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, rng: &mut Rng) -> Result<usiz
                 ),
             }));
         }
-        Ok(Some(LoraAdapter::new(
-            base,
-            kind(cfg),
-            r,
-            scaling,
-            cfg.lora_dropout as f32,
-            init,
-            rng,
-        )))
+        let opts = options(cfg, r, scaling, dora_dropout);
+        Ok(Some(LoraAdapter::new(base, &opts, init, rng)))
     })
 }
 
@@ -82,10 +95,10 @@ fn wire(model: &mut Llama, cfg: &LoraConfig, make: &mut MakeAdapter<'_>) -> Resu
     let (embed, head) = check_modules_to_save(cfg)?;
     let mut n = 0;
     for i in 0..model.layers.len() {
-        for name in LINEAR_NAMES {
-            let path = linear_path(i, name);
+        for proj in Proj::ALL {
+            let path = proj.path(i);
             let targeted = cfg.is_target(&path, false, &DEFAULT_TARGETS);
-            let l = model.layers[i].linear_mut(name);
+            let l = model.layers[i].linear_mut(proj);
             if targeted {
                 let res = cfg.resolve(&path);
                 l.adapter = make(&path, &l.weight, res.r, res.scaling)?;
@@ -148,19 +161,19 @@ fn bias_key(path: &str, targeted: bool) -> String {
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     let cfg = LoraConfig::load(dir)?;
     let mut file = AdapterFile::open(dir)?;
-    let dropout = cfg.lora_dropout as f32;
-    let k = kind(&cfg);
-    wire(model, &cfg, &mut |path, base, r, scaling| {
-        let (out, inp) = (base.out_features(), base.in_features());
+    let dora = kind(&cfg) == AdapterKind::Dora;
+    let modules = wire(model, &cfg, &mut |path, base, r, scaling| {
+        let shape = (r, base.out_features(), base.in_features());
+        let opts = options(&cfg, r, scaling, DoraDropout::default());
         Ok(file
-            .take_module(path, r, out, inp, k == AdapterKind::Dora)
-            .map(|(a, b, m)| LoraAdapter::from_weights(base, a, b, m, r, scaling, dropout, k)))
+            .take_module(path, shape, dora)
+            .map(|w| LoraAdapter::from_weights(base, &opts, w)))
     })?;
     // Biases and modules_to_save tensors.
     for i in 0..model.layers.len() {
-        for name in LINEAR_NAMES {
-            let path = linear_path(i, name);
-            let l = model.layers[i].linear_mut(name);
+        for proj in Proj::ALL {
+            let path = proj.path(i);
+            let l = model.layers[i].linear_mut(proj);
             if l.train_bias {
                 let key = bias_key(&path, l.adapter.is_some());
                 let len = l.out_features();
@@ -186,40 +199,47 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         }
     }
     file.finish()?;
+    tracing::info!(adapter = %dir.display(), modules, dora, "adapter loaded");
     Ok(cfg)
 }
 
-/// Saves the model's adapters (and trainable biases / modules_to_save) as a PEFT folder.
+/// Saves the model's adapters (and trainable biases / modules_to_save) as a PEFT folder: the
+/// model's trainable tensors, under PEFT's keys. A head tied to the embedding that trains with
+/// it (`ensure_weight_tying`) is saved under both keys, as PEFT does.
 ///
 /// # Errors
 /// I/O errors.
 pub fn save_adapter(model: &Llama, dir: &Path, cfg: &LoraConfig) -> Result<()> {
     let mut adapters = Vec::new();
     let mut params: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for (i, layer) in model.layers.iter().enumerate() {
-        for name in LINEAR_NAMES {
-            let path = linear_path(i, name);
-            let l = layer.linear(name);
-            if let Some(a) = &l.adapter {
-                adapters.push((path.clone(), a));
-            }
-            if l.train_bias {
-                if let Some(b) = &l.bias {
-                    params.push((bias_key(&path, l.adapter.is_some()), vec![b.len()], b));
+    let (v, d) = (model.config.vocab_size, model.config.hidden_size);
+    for id in model.trainable() {
+        match id {
+            ParamId::Adapter(i, p, _) => {
+                // an adapter's tensors come one after the other: take the adapter once
+                let path = p.path(i);
+                if adapters.last().is_none_or(|(m, _)| *m != path) {
+                    let a = model.layers[i].linear(p).adapter.as_ref();
+                    adapters.push((path, a.expect("an adapter tensor belongs to an adapter")));
                 }
             }
+            ParamId::Bias(i, p) => {
+                let l = model.layers[i].linear(p);
+                let key = bias_key(&p.path(i), l.adapter.is_some());
+                params.push((key, vec![l.out_features()], model.param(id)));
+            }
+            ParamId::EmbedTokens | ParamId::LmHead => {
+                params.push((id.key(), vec![v, d], model.param(id)));
+            }
+            _ => {}
         }
     }
-    let (v, d) = (model.config.vocab_size, model.config.hidden_size);
-    if model.train_embed_tokens {
-        if let BaseWeight::Dense { w, .. } = &model.embed_tokens {
-            params.push(("model.embed_tokens.weight".into(), vec![v, d], w));
-        }
-    }
-    if model.train_lm_head {
-        if let BaseWeight::Dense { w, .. } = model.head() {
-            params.push(("lm_head.weight".into(), vec![v, d], w));
-        }
+    if model.lm_head.is_none() && model.train_embed_tokens && model.train_lm_head {
+        params.push((
+            "lm_head.weight".into(),
+            vec![v, d],
+            model.param(ParamId::EmbedTokens),
+        ));
     }
     peft_io::save(dir, cfg, &adapters, &params)?;
     Ok(())
@@ -228,8 +248,8 @@ pub fn save_adapter(model: &Llama, dir: &Path, cfg: &LoraConfig) -> Result<()> {
 /// Folds every adapter into its base weight (dense f32 result) and removes it.
 pub fn merge(model: &mut Llama) {
     for layer in &mut model.layers {
-        for name in LINEAR_NAMES {
-            let l = layer.linear_mut(name);
+        for proj in Proj::ALL {
+            let l = layer.linear_mut(proj);
             if let Some(a) = l.adapter.take() {
                 let (out, inp) = (l.out_features(), l.in_features());
                 let w = crate::adapter::merge::merged_weight(&l.weight, &a);

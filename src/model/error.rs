@@ -58,9 +58,6 @@ pub enum Error {
     /// An adapter that does not fit.
     #[error(transparent)]
     Adapter(#[from] crate::adapter::Error),
-    /// A candle error.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 /// Result type of the `model` module.

@@ -1,16 +1,15 @@
 //! [`Llama`]: the decoder stack (`embed_tokens` → blocks → `norm` → `lm_head`) with inference
 //! (full logits, KV-cached decoding, hidden states), evaluation loss, and the training step
-//! `forward_backward` that mirrors the forward in reverse. Trainable tensors are named by
-//! checkpoint keys (full parameters) or PEFT adapter keys, which is how the optimizer and the
-//! file writers find them.
+//! `forward_backward` that mirrors the forward in reverse, and the walk over what trains
+//! ([`Llama::trainable`], [`Llama::param`], [`Llama::param_mut`]) that gradients, the optimizer,
+//! checkpoints, adapter files and parameter counts all go through (see `params.rs`).
 
 use super::config::LlamaConfig;
 use super::error::{Error, Result};
-use super::layers::{
-    Block, BlockGrads, BlockSaved, Keep, KvCache, Linear, LinearGrads, RmsNorm, Rope,
-};
+use super::layers::{Block, BlockGrads, BlockSaved, Keep, KvCache, LinearGrads, RmsNorm, Rope};
 use super::loss::{self, HeadLoss};
-use crate::adapter::{peft_io, BaseWeight};
+use super::params::{ParamId, Proj};
+use crate::adapter::BaseWeight;
 use crate::ops::Rng;
 
 /// A Llama-family causal language model.
@@ -34,8 +33,9 @@ pub struct Llama {
     pub rope: Rope,
 }
 
-/// Named gradients of the trainable tensors of one step.
-pub type Grads = Vec<(String, Vec<f32>)>;
+/// Gradients of one step, tagged with the tensor they belong to, in the order the backward
+/// produced them (the last layer first).
+pub type Grads = Vec<(ParamId, Vec<f32>)>;
 
 /// Options of one training step.
 #[derive(Debug, Clone)]
@@ -46,93 +46,46 @@ pub struct StepOptions {
     pub grad_scale: f32,
 }
 
-/// Module path of a decoder linear.
-pub fn linear_path(layer: usize, name: &str) -> String {
-    let group = if ["gate_proj", "up_proj", "down_proj"].contains(&name) {
-        "mlp"
-    } else {
-        "self_attn"
-    };
-    format!("model.layers.{layer}.{group}.{name}")
-}
-
-/// The names of the seven linears of a block, in order.
-pub const LINEAR_NAMES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-fn push_linear(out: &mut Grads, path: &str, g: LinearGrads) {
+/// Appends a linear's gradients as `(ParamId, gradient)` pairs.
+fn push_linear(out: &mut Grads, layer: usize, proj: Proj, g: LinearGrads) {
     if let Some(w) = g.d_weight {
-        out.push((format!("{path}.weight"), w));
+        out.push((ParamId::Weight(layer, proj), w));
     }
     if let Some(b) = g.d_bias {
-        out.push((format!("{path}.bias"), b));
+        out.push((ParamId::Bias(layer, proj), b));
     }
     if let Some(l) = g.lora {
-        out.push((peft_io::key_a(path), l.d_lora_a));
-        out.push((peft_io::key_b(path), l.d_lora_b));
-        if let Some(m) = l.d_lora_magnitude_vector {
-            out.push((peft_io::key_m(path), m));
-        }
+        out.extend(
+            l.into_params()
+                .map(|(p, g)| (ParamId::Adapter(layer, proj, p), g)),
+        );
     }
 }
 
-impl Block {
-    /// The block's linears by short name.
-    pub fn linear(&self, name: &str) -> &Linear {
-        match name {
-            "q_proj" => &self.self_attn.q_proj,
-            "k_proj" => &self.self_attn.k_proj,
-            "v_proj" => &self.self_attn.v_proj,
-            "o_proj" => &self.self_attn.o_proj,
-            "gate_proj" => &self.mlp.gate_proj,
-            "up_proj" => &self.mlp.up_proj,
-            _ => &self.mlp.down_proj,
-        }
+/// Appends a block's gradients as `(ParamId, gradient)` pairs.
+fn push_block(out: &mut Grads, i: usize, g: BlockGrads) {
+    let (a, m) = (g.self_attn, g.mlp);
+    let norms = [
+        (ParamId::InputLayernorm(i), g.input_layernorm),
+        (
+            ParamId::PostAttentionLayernorm(i),
+            g.post_attention_layernorm,
+        ),
+        (ParamId::QNorm(i), a.q_norm),
+        (ParamId::KNorm(i), a.k_norm),
+    ];
+    out.extend(norms.into_iter().filter_map(|(id, g)| g.map(|g| (id, g))));
+    for (proj, lg) in [
+        (Proj::QProj, a.q_proj),
+        (Proj::KProj, a.k_proj),
+        (Proj::VProj, a.v_proj),
+        (Proj::OProj, a.o_proj),
+        (Proj::GateProj, m.gate_proj),
+        (Proj::UpProj, m.up_proj),
+        (Proj::DownProj, m.down_proj),
+    ] {
+        push_linear(out, i, proj, lg);
     }
-
-    /// Mutable access to a linear by short name.
-    pub fn linear_mut(&mut self, name: &str) -> &mut Linear {
-        match name {
-            "q_proj" => &mut self.self_attn.q_proj,
-            "k_proj" => &mut self.self_attn.k_proj,
-            "v_proj" => &mut self.self_attn.v_proj,
-            "o_proj" => &mut self.self_attn.o_proj,
-            "gate_proj" => &mut self.mlp.gate_proj,
-            "up_proj" => &mut self.mlp.up_proj,
-            _ => &mut self.mlp.down_proj,
-        }
-    }
-}
-
-fn collect_block(out: &mut Grads, i: usize, g: BlockGrads) {
-    let p = format!("model.layers.{i}");
-    if let Some(w) = g.input_layernorm {
-        out.push((format!("{p}.input_layernorm.weight"), w));
-    }
-    if let Some(w) = g.post_attention_layernorm {
-        out.push((format!("{p}.post_attention_layernorm.weight"), w));
-    }
-    let a = g.self_attn;
-    if let Some(w) = a.q_norm {
-        out.push((format!("{p}.self_attn.q_norm.weight"), w));
-    }
-    if let Some(w) = a.k_norm {
-        out.push((format!("{p}.self_attn.k_norm.weight"), w));
-    }
-    push_linear(out, &linear_path(i, "q_proj"), a.q_proj);
-    push_linear(out, &linear_path(i, "k_proj"), a.k_proj);
-    push_linear(out, &linear_path(i, "v_proj"), a.v_proj);
-    push_linear(out, &linear_path(i, "o_proj"), a.o_proj);
-    push_linear(out, &linear_path(i, "gate_proj"), g.mlp.gate_proj);
-    push_linear(out, &linear_path(i, "up_proj"), g.mlp.up_proj);
-    push_linear(out, &linear_path(i, "down_proj"), g.mlp.down_proj);
 }
 
 impl Llama {
@@ -174,7 +127,7 @@ impl Llama {
     pub fn linear_weight_bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| LINEAR_NAMES.map(|name| l.linear(name).weight.stored_bytes()))
+            .flat_map(|l| Proj::ALL.map(|p| l.linear(p).weight.stored_bytes()))
             .sum()
     }
 
@@ -399,7 +352,7 @@ impl Llama {
         let (mut dx, d_norm) = self.norm.backward(norm_saved, &x, &d_hidden);
         drop(x);
         if let Some(w) = d_norm {
-            grads.push(("model.norm.weight".into(), w));
+            grads.push((ParamId::Norm, w));
         }
         for (i, (layer, s)) in self.layers.iter().zip(saved).enumerate().rev() {
             // The first layer's input gradient feeds only the embedding's: with the embedding
@@ -408,7 +361,7 @@ impl Llama {
             let need_dx = i > 0 || self.train_embed_tokens;
             let (d, g) = layer.backward(s, &dx, &self.rope, need_dx);
             dx = d.unwrap_or_default();
-            collect_block(&mut grads, i, g);
+            push_block(&mut grads, i, g);
         }
         let tied = self.lm_head.is_none();
         let mut d_embed = self.train_embed_tokens.then(|| {
@@ -425,103 +378,164 @@ impl Llama {
         if let Some(dw) = d_weight {
             match (&mut d_embed, tied) {
                 (Some(de), true) => crate::ops::add_assign(de, &dw),
-                (None, true) => grads.push(("model.embed_tokens.weight".into(), dw)),
-                (_, false) => grads.push(("lm_head.weight".into(), dw)),
+                (None, true) => grads.push((ParamId::EmbedTokens, dw)),
+                (_, false) => grads.push((ParamId::LmHead, dw)),
             }
         }
         if let Some(de) = d_embed {
-            grads.push(("model.embed_tokens.weight".into(), de));
+            grads.push((ParamId::EmbedTokens, de));
         }
         Ok((loss_sum, count, grads))
     }
 
-    /// Visits every trainable tensor by name (the names `forward_backward` uses), for the
-    /// optimizer. Adapter caches are invalidated afterwards.
-    pub fn visit_trainable(&mut self, f: &mut dyn FnMut(&str, &mut [f32])) {
+    /// Every tensor that trains, in one fixed order (embedding, layers, norm, head): the one list
+    /// the optimizer, checkpoints, adapter files and counts walk. The gradients of
+    /// [`forward_backward`](Self::forward_backward) carry exactly these ids.
+    pub fn trainable(&self) -> Vec<ParamId> {
+        let mut ids = Vec::new();
         let tied = self.lm_head.is_none();
-        if self.train_embed_tokens || (tied && self.train_lm_head) {
-            if let BaseWeight::Dense { w, .. } = &mut self.embed_tokens {
-                f("model.embed_tokens.weight", w);
-            }
+        if self.embed_is_dense() && (self.train_embed_tokens || (tied && self.train_lm_head)) {
+            ids.push(ParamId::EmbedTokens);
         }
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
+        for (i, layer) in self.layers.iter().enumerate() {
             if layer.input_layernorm.train {
-                f(
-                    &format!("{p}.input_layernorm.weight"),
-                    &mut layer.input_layernorm.weight,
-                );
+                ids.push(ParamId::InputLayernorm(i));
             }
             if layer.post_attention_layernorm.train {
-                f(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &mut layer.post_attention_layernorm.weight,
-                );
+                ids.push(ParamId::PostAttentionLayernorm(i));
             }
-            if let Some(n) = layer.self_attn.q_norm.as_mut().filter(|n| n.train) {
-                f(&format!("{p}.self_attn.q_norm.weight"), &mut n.weight);
+            if layer.self_attn.q_norm.as_ref().is_some_and(|n| n.train) {
+                ids.push(ParamId::QNorm(i));
             }
-            if let Some(n) = layer.self_attn.k_norm.as_mut().filter(|n| n.train) {
-                f(&format!("{p}.self_attn.k_norm.weight"), &mut n.weight);
+            if layer.self_attn.k_norm.as_ref().is_some_and(|n| n.train) {
+                ids.push(ParamId::KNorm(i));
             }
-            for name in LINEAR_NAMES {
-                let path = linear_path(i, name);
-                let l = layer.linear_mut(name);
-                if l.train_weight {
-                    if let BaseWeight::Dense { w, .. } = &mut l.weight {
-                        f(&format!("{path}.weight"), w);
-                    }
+            for p in Proj::ALL {
+                let l = layer.linear(p);
+                if l.train_weight && matches!(l.weight, BaseWeight::Dense { .. }) {
+                    ids.push(ParamId::Weight(i, p));
                 }
-                if l.train_bias {
-                    if let Some(b) = &mut l.bias {
-                        f(&format!("{path}.bias"), b);
-                    }
+                if l.train_bias && l.bias.is_some() {
+                    ids.push(ParamId::Bias(i, p));
                 }
-                if let Some(a) = &mut l.adapter {
-                    f(&peft_io::key_a(&path), &mut a.lora_a);
-                    f(&peft_io::key_b(&path), &mut a.lora_b);
-                    if let Some(m) = &mut a.lora_magnitude_vector {
-                        f(&peft_io::key_m(&path), m);
-                    }
-                    a.weights_changed();
+                if let Some(a) = &l.adapter {
+                    ids.extend(a.params().iter().map(|&ap| ParamId::Adapter(i, p, ap)));
                 }
             }
         }
         if self.norm.train {
-            f("model.norm.weight", &mut self.norm.weight);
+            ids.push(ParamId::Norm);
         }
-        if !tied && self.train_lm_head {
-            if let Some(BaseWeight::Dense { w, .. }) = &mut self.lm_head {
-                f("lm_head.weight", w);
+        if !tied && self.train_lm_head && matches!(self.lm_head, Some(BaseWeight::Dense { .. })) {
+            ids.push(ParamId::LmHead);
+        }
+        ids
+    }
+
+    fn embed_is_dense(&self) -> bool {
+        matches!(self.embed_tokens, BaseWeight::Dense { .. })
+    }
+
+    /// The tensor `id` names.
+    ///
+    /// # Panics
+    /// If the model has no such tensor (an id not from [`trainable`](Self::trainable)).
+    #[track_caller]
+    pub fn param(&self, id: ParamId) -> &[f32] {
+        fn dense(w: &BaseWeight) -> Option<&[f32]> {
+            match w {
+                BaseWeight::Dense { w, .. } => Some(w),
+                BaseWeight::Quant(_) => None,
             }
         }
+        let t = match id {
+            ParamId::EmbedTokens => dense(&self.embed_tokens),
+            ParamId::InputLayernorm(i) => Some(&self.layers[i].input_layernorm.weight[..]),
+            ParamId::PostAttentionLayernorm(i) => {
+                Some(&self.layers[i].post_attention_layernorm.weight[..])
+            }
+            ParamId::QNorm(i) => self.layers[i]
+                .self_attn
+                .q_norm
+                .as_ref()
+                .map(|n| &n.weight[..]),
+            ParamId::KNorm(i) => self.layers[i]
+                .self_attn
+                .k_norm
+                .as_ref()
+                .map(|n| &n.weight[..]),
+            ParamId::Weight(i, p) => dense(&self.layers[i].linear(p).weight),
+            ParamId::Bias(i, p) => self.layers[i].linear(p).bias.as_deref(),
+            ParamId::Adapter(i, p, a) => {
+                let ad = self.layers[i].linear(p).adapter.as_ref();
+                ad.and_then(|ad| ad.param(a))
+            }
+            ParamId::Norm => Some(&self.norm.weight[..]),
+            ParamId::LmHead => self.lm_head.as_ref().and_then(dense),
+        };
+        t.unwrap_or_else(|| panic!("the model has no tensor {}", id.key()))
+    }
+
+    /// The tensor `id` names, to change (an adapter's cached values are dropped first).
+    ///
+    /// # Panics
+    /// If the model has no such tensor (an id not from [`trainable`](Self::trainable)).
+    #[track_caller]
+    pub fn param_mut(&mut self, id: ParamId) -> &mut [f32] {
+        fn dense(w: &mut BaseWeight) -> Option<&mut [f32]> {
+            match w {
+                BaseWeight::Dense { w, .. } => Some(w),
+                BaseWeight::Quant(_) => None,
+            }
+        }
+        let t = match id {
+            ParamId::EmbedTokens => dense(&mut self.embed_tokens),
+            ParamId::InputLayernorm(i) => Some(&mut self.layers[i].input_layernorm.weight[..]),
+            ParamId::PostAttentionLayernorm(i) => {
+                Some(&mut self.layers[i].post_attention_layernorm.weight[..])
+            }
+            ParamId::QNorm(i) => {
+                let n = self.layers[i].self_attn.q_norm.as_mut();
+                n.map(|n| &mut n.weight[..])
+            }
+            ParamId::KNorm(i) => {
+                let n = self.layers[i].self_attn.k_norm.as_mut();
+                n.map(|n| &mut n.weight[..])
+            }
+            ParamId::Weight(i, p) => dense(&mut self.layers[i].linear_mut(p).weight),
+            ParamId::Bias(i, p) => self.layers[i].linear_mut(p).bias.as_deref_mut(),
+            ParamId::Adapter(i, p, a) => {
+                let ad = self.layers[i].linear_mut(p).adapter.as_mut();
+                ad.and_then(|ad| ad.param_mut(a))
+            }
+            ParamId::Norm => Some(&mut self.norm.weight[..]),
+            ParamId::LmHead => self.lm_head.as_mut().and_then(dense),
+        };
+        t.unwrap_or_else(|| panic!("the model has no tensor {}", id.key()))
     }
 
     /// (trainable, all) parameter counts, 4-bit weights at their logical size (as PEFT's
     /// `print_trainable_parameters`).
-    pub fn parameter_counts(&mut self) -> (usize, usize) {
-        let mut trainable = 0;
-        self.visit_trainable(&mut |_, t| trainable += t.len());
-        let mut all = self.embed_tokens.out_features() * self.embed_tokens.in_features();
-        if let Some(h) = &self.lm_head {
-            all += h.out_features() * h.in_features();
-        }
+    pub fn parameter_counts(&self) -> (usize, usize) {
+        let trainable = self
+            .trainable()
+            .iter()
+            .map(|&id| self.param(id).len())
+            .sum();
+        let size = |w: &BaseWeight| w.out_features() * w.in_features();
+        let mut all = size(&self.embed_tokens) + self.lm_head.as_ref().map_or(0, size);
         all += self.norm.weight.len();
         for layer in &self.layers {
             all += layer.input_layernorm.weight.len() + layer.post_attention_layernorm.weight.len();
-            all += layer
-                .self_attn
-                .q_norm
-                .as_ref()
-                .map_or(0, |n| n.weight.len());
-            all += layer
-                .self_attn
-                .k_norm
-                .as_ref()
-                .map_or(0, |n| n.weight.len());
-            for name in LINEAR_NAMES {
-                let l = layer.linear(name);
-                all += l.out_features() * l.in_features() + l.bias.as_ref().map_or(0, |b| b.len());
+            let qk = [&layer.self_attn.q_norm, &layer.self_attn.k_norm];
+            all += qk
+                .iter()
+                .flat_map(|n| n.iter())
+                .map(|n| n.weight.len())
+                .sum::<usize>();
+            for p in Proj::ALL {
+                let l = layer.linear(p);
+                all += size(&l.weight) + l.bias.as_ref().map_or(0, Vec::len);
                 all += l.adapter.as_ref().map_or(0, |a| a.num_params());
             }
         }
@@ -529,7 +543,7 @@ impl Llama {
     }
 
     /// PEFT's `print_trainable_parameters` line.
-    pub fn trainable_summary(&mut self) -> String {
+    pub fn trainable_summary(&self) -> String {
         let (t, a) = self.parameter_counts();
         format!(
             "trainable params: {} || all params: {} || trainable%: {:.4}",

@@ -8,7 +8,8 @@ use std::path::Path;
 use super::config::{Arch, LlamaConfig};
 use super::error::{Error, Result};
 use super::layers::{Attention, Block, Linear, Mlp, RmsNorm};
-use super::llama::{linear_path, Llama, LINEAR_NAMES};
+use super::llama::Llama;
+use super::params::Proj;
 use crate::adapter::BaseWeight;
 use crate::io::{self, Checkpoint, OwnedTensor, StDtype};
 use crate::quant::{bnb_io, Dtype, QuantizeOptions, QuantizedWeight};
@@ -118,7 +119,15 @@ impl Loader<'_> {
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Llama> {
     let config = LlamaConfig::load(dir)?;
     let ckpt = Checkpoint::open(dir)?;
-    from_checkpoint(config, &ckpt, opts)
+    let model = from_checkpoint(config, &ckpt, opts)?;
+    tracing::info!(
+        model = %dir.display(),
+        architecture = %model.config.architecture,
+        layers = model.layers.len(),
+        linear_mib = model.linear_weight_bytes() as f64 / (1024.0 * 1024.0),
+        "loaded"
+    );
+    Ok(model)
 }
 
 /// Builds the model from an opened checkpoint.
@@ -144,9 +153,8 @@ pub fn from_checkpoint(
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let lin = |name: &str, out, inp, bias| {
-            l.linear(&linear_path(i, name), out, inp, bias, opts.storage)
-        };
+        let lin =
+            |proj: Proj, out, inp, bias| l.linear(&proj.path(i), out, inp, bias, opts.storage);
         let qk_norm = c.arch == Arch::Qwen3;
         let norm = |key: &str, n: usize| -> Result<RmsNorm> {
             Ok(RmsNorm::new(l.dense(key, &[n])?, c.rms_norm_eps))
@@ -154,10 +162,10 @@ pub fn from_checkpoint(
         layers.push(Block {
             input_layernorm: norm(&format!("{p}.input_layernorm.weight"), d)?,
             self_attn: Attention {
-                q_proj: lin("q_proj", q, d, c.qkv_bias())?,
-                k_proj: lin("k_proj", kv, d, c.qkv_bias())?,
-                v_proj: lin("v_proj", kv, d, c.qkv_bias())?,
-                o_proj: lin("o_proj", d, q, c.o_bias())?,
+                q_proj: lin(Proj::QProj, q, d, c.qkv_bias())?,
+                k_proj: lin(Proj::KProj, kv, d, c.qkv_bias())?,
+                v_proj: lin(Proj::VProj, kv, d, c.qkv_bias())?,
+                o_proj: lin(Proj::OProj, d, q, c.o_bias())?,
                 q_norm: if qk_norm {
                     Some(norm(&format!("{p}.self_attn.q_norm.weight"), c.head_dim)?)
                 } else {
@@ -175,9 +183,9 @@ pub fn from_checkpoint(
             },
             post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), d)?,
             mlp: Mlp {
-                gate_proj: lin("gate_proj", f, d, c.mlp_bias)?,
-                up_proj: lin("up_proj", f, d, c.mlp_bias)?,
-                down_proj: lin("down_proj", d, f, c.mlp_bias)?,
+                gate_proj: lin(Proj::GateProj, f, d, c.mlp_bias)?,
+                up_proj: lin(Proj::UpProj, f, d, c.mlp_bias)?,
+                down_proj: lin(Proj::DownProj, d, f, c.mlp_bias)?,
             },
         });
     }
@@ -287,9 +295,9 @@ pub fn save(model: &Llama, dir: &Path, how: SaveAs) -> Result<()> {
                 &n.weight,
             );
         }
-        for name in LINEAR_NAMES {
-            let l = layer.linear(name);
-            let path = linear_path(i, name);
+        for proj in Proj::ALL {
+            let l = layer.linear(proj);
+            let path = proj.path(i);
             if l.adapter.is_some() {
                 return Err(Error::Input(format!(
                     "{path} still has an adapter; merge it before saving"

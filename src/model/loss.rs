@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::adapter::BaseWeight;
-use crate::ops;
+use crate::ops::{self, Accum, MatMut, MatRef, Par};
 
 /// Label value that is not predicted (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -117,7 +117,14 @@ pub fn head_loss(
                     .chunks(LEAN_CHUNK_ROWS * v)
                     .zip(x.chunks(LEAN_CHUNK_ROWS * d));
                 for (bi, (lb, xb)) in blocks.enumerate() {
-                    ops::matmul_tn_into(lb, v, xb, d, xb.len() / d, dw, ci > 0 || bi > 0);
+                    let rows = xb.len() / d;
+                    let acc = if ci > 0 || bi > 0 {
+                        Accum::Add
+                    } else {
+                        Accum::Write
+                    };
+                    let (lm, xm) = (MatRef::new(lb, rows, v), MatRef::new(xb, rows, d));
+                    ops::gemm(MatMut::new(dw, v, d), acc, lm.t(), xm, 1.0, Par::All);
                 }
             }
         }

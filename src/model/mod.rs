@@ -10,6 +10,7 @@ pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod params;
 pub mod random;
 pub mod tokenizer;
 
@@ -17,3 +18,4 @@ pub use config::{Arch, LlamaConfig};
 pub use error::{Error, Result};
 pub use llama::{Grads, Llama, StepOptions};
 pub use load::{load, BaseStorage, LoadOptions};
+pub use params::{ParamId, Proj};

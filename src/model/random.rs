@@ -110,11 +110,47 @@ pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed
 mod tests {
     use super::*;
 
+    /// Every listed preset has the shape its name promises, and its matmul parameter count
+    /// (the N of MFU) is the one benchmarks report.
     #[test]
-    fn every_listed_preset_has_a_shape() {
-        for name in PRESETS {
+    fn every_listed_preset_has_its_shape() {
+        for (name, (d, f, layers, heads, n)) in PRESETS.iter().zip([
+            (
+                512,
+                1376,
+                8,
+                8,
+                8 * (4 * 512 * 512 + 3 * 512 * 1376) + 512 * 32000,
+            ),
+            (1024, 2816, 12, 16, 186_908_672),
+            (
+                1024,
+                2816,
+                8,
+                16,
+                8 * (4 * 1024 * 1024 + 3 * 1024 * 2816) + 1024 * 32000,
+            ),
+            (4096, 11008, 32, 32, 6_607_077_376),
+        ]) {
             let c = preset(name).unwrap_or_else(|| panic!("{name}"));
-            assert!(c.hidden_size > 0 && c.num_hidden_layers > 0, "{name}");
+            let got = (
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers,
+                c.num_attention_heads,
+            );
+            assert_eq!(got, (d, f, layers, heads), "{name}");
+            assert_eq!(
+                (c.num_key_value_heads, c.head_dim),
+                (heads, d / heads),
+                "{name}"
+            );
+            assert_eq!(
+                (c.vocab_size, c.tie_word_embeddings),
+                (32000, false),
+                "{name}"
+            );
+            assert_eq!(c.matmul_params(), n, "{name}");
         }
         assert!(preset("stories260K").is_none());
     }

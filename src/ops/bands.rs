@@ -5,13 +5,15 @@
 //! sequence's `T` rows. Writing each head's product straight into its columns, with the row
 //! stride of the whole matrix, saves a per-head buffer and a pass that lays the heads out
 //! afterwards. Rust's borrows cannot split a matrix by columns, so the tasks share a raw view;
-//! each call names the block it writes and vouches that no other task touches it.
+//! each call names the block it takes and vouches that no other task touches it.
 
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 
-/// A shared view of `len` floats that parallel tasks write through [`Bands::gemm`], each into
-/// its own elements. Borrows the buffer for its lifetime.
+use super::mat::MatMut;
+
+/// A shared view of `len` floats from which parallel tasks take disjoint output blocks
+/// ([`Bands::block`]). Borrows the buffer for its lifetime.
 pub struct Bands<'a> {
     ptr: *mut f32,
     len: usize,
@@ -19,14 +21,14 @@ pub struct Bands<'a> {
     _buf: PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: a `Bands` only hands out writes through `gemm`, whose contract makes every concurrent
-// caller's block disjoint from every other's; the buffer outlives the view (borrowed for 'a).
+// SAFETY: a `Bands` only hands out blocks through `block`, whose contract makes every
+// concurrent caller's block disjoint from every other's; the buffer outlives the view.
 unsafe impl Send for Bands<'_> {}
 // SAFETY: as above.
 unsafe impl Sync for Bands<'_> {}
 
 impl<'a> Bands<'a> {
-    /// A view of initialized floats, which products may accumulate into.
+    /// A view of initialized floats, whose blocks products may add to.
     pub fn new(buf: &'a mut [f32]) -> Self {
         Bands {
             ptr: buf.as_mut_ptr(),
@@ -36,8 +38,7 @@ impl<'a> Bands<'a> {
         }
     }
 
-    /// A view of memory not yet initialized (see [`super::filled`]), which products may only
-    /// overwrite.
+    /// A view of memory not yet initialized, whose blocks products may only overwrite.
     pub fn uninit(buf: &'a mut [MaybeUninit<f32>]) -> Self {
         Bands {
             ptr: buf.as_mut_ptr().cast(),
@@ -47,58 +48,36 @@ impl<'a> Bands<'a> {
         }
     }
 
-    /// `dst (m×n at offset, row stride dst_rs) = [dst +] lhs (m×k) · rhs (k×n)`, as
-    /// [`super::gemm`] on one thread.
+    /// The `rows × cols` block at `offset` with rows `row_stride` apart, as an output view.
     ///
     /// # Safety
-    /// No other call running at the same time may touch an element of this call's block
-    /// (`offset + i·dst_rs + j`, `i < m`, `j < n`).
+    /// While the returned view lives, no other view or reference may touch an element of its
+    /// block (`offset + i·row_stride + j`, `i < rows`, `j < cols`).
     ///
     /// # Panics
-    /// If the block lies outside the buffer, if an operand is too short for its shape, or if
-    /// `accumulate` is asked of a view of uninitialized memory.
-    pub unsafe fn gemm(
+    /// If the block lies outside the buffer.
+    pub unsafe fn block(
         &self,
         offset: usize,
-        (m, n, k): (usize, usize, usize),
-        dst_rs: usize,
-        accumulate: bool,
-        (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-        (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-    ) {
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> MatMut<'_> {
         assert!(
-            self.init || !accumulate,
-            "accumulating into uninitialized memory"
+            rows == 0 || cols == 0 || offset + (rows - 1) * row_stride + cols <= self.len,
+            "block outside the buffer"
         );
-        assert!(offset <= self.len, "block outside the buffer");
-        // SAFETY: `offset` is inside the buffer, and gemm_raw checks the block against the
-        // `len − offset` floats after it; the block is this caller's alone (the contract), and
-        // holds initialized floats whenever it is read (`accumulate` only on `init` views).
-        unsafe {
-            super::gemm_raw(
-                m,
-                n,
-                k,
-                self.ptr.add(offset),
-                self.len - offset,
-                dst_rs,
-                accumulate,
-                lhs,
-                lhs_rs,
-                lhs_cs,
-                rhs,
-                rhs_rs,
-                rhs_cs,
-                1.0,
-                1,
-            )
-        }
+        // SAFETY: the block lies inside the buffer (asserted), which is borrowed for 'a; it is
+        // this caller's alone (the contract), and holds initialized floats whenever the view
+        // says so (`init`).
+        unsafe { MatMut::from_raw(self.ptr.add(offset), (rows, cols, row_stride), self.init) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::{gemm, Accum, MatRef, Par};
     use rayon::prelude::*;
 
     /// Four tasks write the four column bands of a 3×8 matrix in parallel (two of them twice,
@@ -114,16 +93,9 @@ mod tests {
             let times = if h % 2 == 0 { 1 } else { 2 };
             for _ in 0..times {
                 // SAFETY: task `h` alone writes columns `h·band..`.
-                unsafe {
-                    view.gemm(
-                        h * band,
-                        (rows, band, 2),
-                        width,
-                        true,
-                        (&lhs, 2, 1),
-                        (&rhs, band, 1),
-                    )
-                };
+                let dst = unsafe { view.block(h * band, rows, band, width) };
+                let (l, r) = (MatRef::new(&lhs, rows, 2), MatRef::new(&rhs, 2, band));
+                gemm(dst, Accum::Add, l, r, 1.0, Par::Serial);
             }
         });
         for i in 0..rows {
@@ -137,11 +109,29 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "uninitialized")]
+    #[should_panic(expected = "unwritten")]
     fn an_uninitialized_view_refuses_to_accumulate() {
         let mut buf = vec![MaybeUninit::<f32>::uninit(); 4];
         let view = Bands::uninit(&mut buf);
+        let one = [1.0f32];
         // SAFETY: one caller.
-        unsafe { view.gemm(0, (1, 1, 1), 1, true, (&[1.0], 1, 1), (&[1.0], 1, 1)) };
+        let dst = unsafe { view.block(0, 1, 1, 1) };
+        gemm(
+            dst,
+            Accum::Add,
+            MatRef::new(&one, 1, 1),
+            MatRef::new(&one, 1, 1),
+            1.0,
+            Par::Serial,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn a_block_past_the_buffer_is_refused() {
+        let mut buf = vec![0f32; 8];
+        let view = Bands::new(&mut buf);
+        // SAFETY: one caller.
+        let _ = unsafe { view.block(6, 2, 2, 4) };
     }
 }

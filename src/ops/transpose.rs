@@ -12,11 +12,10 @@
 //! `target-cpu=native`) and a row length that is a multiple of 8; [`available`] says whether a
 //! product can take it, and callers keep the plain route otherwise.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 use super::lanes::F8;
+use super::mat::{gemm, Accum, MatMut, MatRef, Par};
 
 /// Columns of W (rows of the transposed tile) one parallel task writes: 128 columns are one
 /// cache line of 4-bit codes per row.
@@ -104,35 +103,24 @@ pub(crate) fn transpose_with<L, S>(
 }
 
 /// `y (n × out) = x (n × in) · Wᵀ` for a dense row-major `W (out × in)`, one transposed tile of
-/// [`TILE_ROWS`] rows at a time (see the module doc), every element of `y` written. Requires
-/// [`available`]`(inp)`.
-pub fn matmul_nt_tiled(
-    x: &[f32],
-    n: usize,
-    w: &[f32],
-    out: usize,
-    inp: usize,
-    y: &mut [MaybeUninit<f32>],
-) {
+/// [`TILE_ROWS`] rows at a time (see the module doc): every column band of `y` is overwritten.
+/// Requires [`available`]`(inp)`.
+///
+/// # Panics
+/// If the shapes disagree.
+pub fn matmul_nt_tiled(x: MatRef<'_>, w: &[f32], mut y: MatMut<'_>) {
+    let (n, inp, out) = (x.rows(), x.cols(), y.cols());
+    assert!(
+        y.rows() == n && w.len() == out * inp,
+        "matmul_nt_tiled shapes"
+    );
     let mut tile = vec![0f32; TILE_ROWS.min(out) * inp];
     for r0 in (0..out).step_by(TILE_ROWS) {
         let r1 = (r0 + TILE_ROWS).min(out);
         let t = &mut tile[..(r1 - r0) * inp];
         transpose_rows(w, inp, r0, r1, t);
-        super::gemm_write(
-            n,
-            r1 - r0,
-            inp,
-            &mut y[r0..],
-            out,
-            x,
-            inp,
-            1,
-            t,
-            r1 - r0,
-            1,
-            super::threads(),
-        );
+        let tile = MatRef::new(t, inp, r1 - r0);
+        gemm(y.columns(r0, r1), Accum::Write, x, tile, 1.0, Par::All);
     }
 }
 
@@ -143,6 +131,7 @@ mod tests {
     #[test]
     fn transposed_tiles_match_naive() {
         if !available(8) {
+            eprintln!("skipped: the transposed tiles need AVX2 + FMA, which this build lacks");
             return;
         }
         // rows cover a 16-row group plus a remainder; columns span two tasks
@@ -162,6 +151,7 @@ mod tests {
     #[test]
     fn tiled_product_equals_plain() {
         if !available(8) {
+            eprintln!("skipped: the transposed tiles need AVX2 + FMA, which this build lacks");
             return;
         }
         let (n, out, inp) = (70, 600, 48);
@@ -172,7 +162,11 @@ mod tests {
             .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
             .collect();
         // SAFETY: the tiles cover every column of every row.
-        let y = unsafe { crate::ops::filled(n * out, |y| matmul_nt_tiled(&x, n, &w, out, inp, y)) };
+        let y = unsafe {
+            crate::ops::uninit::new_matrix(n, out, |y| {
+                matmul_nt_tiled(MatRef::new(&x, n, inp), &w, y)
+            })
+        };
         for i in 0..n {
             for o in 0..out {
                 let want: f32 = (0..inp).map(|k| x[i * inp + k] * w[o * inp + k]).sum();

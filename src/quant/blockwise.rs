@@ -26,9 +26,21 @@ const LUT_BINS: usize = 65536;
 const ABSMAX_FLOOR: f32 = 1e-38;
 
 /// The 4-bit data type: NormalFloat4 or the 1-2-1 float FP4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum QuantType {
     /// NormalFloat 4 (QLoRA).
+    #[default]
     Nf4,
     /// 4-bit float with 2 exponent bits.
     Fp4,

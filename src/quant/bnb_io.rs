@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::blockwise::{Absmax, QuantType};
 use super::error::{Error, Result};
-use super::weight::{Dtype, QuantizeOptions, QuantizedWeight};
+use super::weight::{Dtype, Parts, QuantizeOptions, QuantizedWeight};
 use crate::io::{self, Checkpoint, OwnedTensor, StDtype};
 
 /// The quant-state key of `weight_key` for a quant type.
@@ -162,7 +162,16 @@ pub fn read_quantized(ckpt: &Checkpoint, weight_key: &str) -> Result<QuantizedWe
         Err(_) => qt.code(),
     };
     QuantizedWeight::from_parts(
-        weight_key, packed, qt, blocksize, dtype, shape, absmax, quant_map,
+        weight_key,
+        Parts {
+            packed,
+            quant_type: qt,
+            blocksize,
+            dtype,
+            shape,
+            absmax,
+            quant_map,
+        },
     )
 }
 

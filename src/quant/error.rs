@@ -39,9 +39,6 @@ pub enum Error {
     /// A checkpoint file that cannot be read, parsed or written (names the file).
     #[error(transparent)]
     Io(#[from] crate::io::Error),
-    /// An error from candle.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 /// Result type of the `quant` module.

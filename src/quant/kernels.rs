@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::gemv;
-use crate::ops::transpose;
+use crate::ops::{gemm, transpose, Accum, MatMut, MatRef, Par};
 
 /// Rows (`dy·W`) or columns (`x·Wᵀ`) of W dequantized per tile in the fused matmuls. 512 rows
 /// of a 4096-wide layer are 8 MiB of f32: large enough that gemm's packing of the activations is
@@ -252,7 +252,7 @@ impl Packed4<'_> {
         x: &[f32],
         m: usize,
         y: &mut [MaybeUninit<f32>],
-        mut second: Option<SecondProduct<'_>>,
+        second: Option<SecondProduct<'_>>,
     ) {
         assert_eq!(x.len(), m * self.cols, "x shape");
         assert_eq!(y.len(), m * self.rows, "y shape");
@@ -274,32 +274,25 @@ impl Packed4<'_> {
             self.matmul_t2_by_columns(x, m, y, second);
             return;
         }
-        let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
-        for r0 in (0..self.rows).step_by(TILE_ROWS) {
-            let r1 = (r0 + TILE_ROWS).min(self.rows);
-            let t = &mut tile[..(r1 - r0) * self.cols];
-            // The tile as gemm's rhs (element (k, n) = W[r0 + n][k]), as rows.
+        let (rows, cols) = (self.rows, self.cols);
+        let xm = MatRef::new(x, m, cols);
+        let mut ym = MatMut::uninit(y, m, rows, rows);
+        let mut second = second.map(|(x2, m2, y2)| {
+            (
+                MatRef::new(x2, m2, cols),
+                MatMut::uninit(y2, m2, rows, rows),
+            )
+        });
+        let mut tile = vec![0f32; TILE_ROWS.min(rows) * cols];
+        for r0 in (0..rows).step_by(TILE_ROWS) {
+            let r1 = (r0 + TILE_ROWS).min(rows);
+            let t = &mut tile[..(r1 - r0) * cols];
             self.dequantize_rows(r0, t);
-            let (rs, cs) = (1, self.cols);
-            let threads = crate::ops::threads();
-            let (k, rows) = (self.cols, self.rows);
-            crate::ops::gemm_write(
-                m,
-                r1 - r0,
-                k,
-                &mut y[r0..],
-                rows,
-                x,
-                k,
-                1,
-                t,
-                rs,
-                cs,
-                threads,
-            );
-            if let Some((x2, m2, y2)) = &mut second {
-                let y2 = &mut y2[r0..];
-                crate::ops::gemm_write(*m2, r1 - r0, k, y2, rows, x2, k, 1, t, rs, cs, threads);
+            // The tile of W's rows, as gemm's rhs transposed (element (k, n) = W[r0 + n][k]).
+            let wt = MatRef::new(t, r1 - r0, cols).t();
+            gemm(ym.columns(r0, r1), Accum::Write, xm, wt, 1.0, Par::All);
+            if let Some((x2, y2)) = &mut second {
+                gemm(y2.columns(r0, r1), Accum::Write, *x2, wt, 1.0, Par::All);
             }
         }
     }
@@ -336,7 +329,7 @@ impl Packed4<'_> {
         x: &[f32],
         m: usize,
         y: &mut [MaybeUninit<f32>],
-        mut second: Option<SecondProduct<'_>>,
+        second: Option<SecondProduct<'_>>,
     ) {
         let (rows, cols) = (self.rows, self.cols);
         if m == 0 && second.as_ref().is_none_or(|s| s.1 == 0) {
@@ -344,45 +337,40 @@ impl Packed4<'_> {
         }
         let band_rows = BAND_ROWS.min(rows);
         let mut tile = vec![0f32; TILE_ROWS.min(cols) * band_rows];
-        let threads = crate::ops::threads();
+        let xm = MatRef::new(x, m, cols);
+        let mut ym = MatMut::uninit(y, m, rows, rows);
+        let mut second = second.map(|(x2, m2, y2)| {
+            (
+                MatRef::new(x2, m2, cols),
+                MatMut::uninit(y2, m2, rows, rows),
+            )
+        });
         // Bands of output rows, each finished over all column blocks: the tile and the part of
         // `y` it adds to stay bounded however many rows W has.
         for r0 in (0..rows).step_by(band_rows.max(1)) {
             let r1 = (r0 + band_rows).min(rows);
             let nb = r1 - r0;
+            let mut band = ym.columns(r0, r1);
+            let mut band2 = second.as_mut().map(|(x2, y2)| (*x2, y2.columns(r0, r1)));
             for k0 in (0..cols).step_by(TILE_ROWS) {
                 let k1 = (k0 + TILE_ROWS).min(cols);
                 let t = &mut tile[..(k1 - k0) * nb];
                 self.dequantize_cols_transposed((k0, k1), (r0, r1), t);
+                let tm = MatRef::new(t, k1 - k0, nb);
                 // The first block writes the band's outputs, the others add to them.
-                let product = |lhs: &[f32], mm: usize, dst: &mut [MaybeUninit<f32>]| {
-                    let dst = &mut dst[r0..];
-                    // SAFETY: `dst` is a unique borrow reaching past the mm × band block
-                    // (shapes asserted by the caller); with `k0 > 0` the first column block
-                    // has initialized the band.
+                let acc = if k0 == 0 { Accum::Write } else { Accum::Add };
+                gemm(band.rb(), acc, xm.columns(k0, k1), tm, 1.0, Par::All);
+                if let Some((x2, b2)) = &mut band2 {
+                    gemm(b2.rb(), acc, x2.columns(k0, k1), tm, 1.0, Par::All);
+                }
+                if k0 == 0 {
+                    // SAFETY: the first column block overwrote both bands whole.
                     unsafe {
-                        crate::ops::gemm_raw(
-                            mm,
-                            nb,
-                            k1 - k0,
-                            dst.as_mut_ptr().cast(),
-                            dst.len(),
-                            rows,
-                            k0 > 0,
-                            &lhs[k0..],
-                            cols,
-                            1,
-                            t,
-                            nb,
-                            1,
-                            1.0,
-                            threads,
-                        )
+                        band.assume_init();
+                        if let Some((_, b2)) = &mut band2 {
+                            b2.assume_init();
+                        }
                     }
-                };
-                product(x, m, y);
-                if let Some((x2, m2, y2)) = &mut second {
-                    product(x2, *m2, y2);
                 }
             }
         }
@@ -438,7 +426,7 @@ impl Packed4<'_> {
         dy: &[f32],
         m: usize,
         dx: &mut [MaybeUninit<f32>],
-        mut second: Option<(&[f32], &mut [MaybeUninit<f32>])>,
+        second: Option<(&[f32], &mut [MaybeUninit<f32>])>,
     ) {
         assert_eq!(dy.len(), m * self.rows, "dy shape");
         assert_eq!(dx.len(), m * self.cols, "dx shape");
@@ -456,38 +444,35 @@ impl Packed4<'_> {
         if m == 0 || self.cols == 0 {
             return;
         }
-        let mut tile = vec![0f32; TILE_ROWS.min(self.rows) * self.cols];
-        for r0 in (0..self.rows).step_by(TILE_ROWS) {
-            let r1 = (r0 + TILE_ROWS).min(self.rows);
-            let t = &mut tile[..(r1 - r0) * self.cols];
+        let (rows, cols) = (self.rows, self.cols);
+        let dym = MatRef::new(dy, m, rows);
+        let mut dxm = MatMut::uninit(dx, m, cols, cols);
+        let mut second = second.map(|(dy2, dx2)| {
+            (
+                MatRef::new(dy2, m, rows),
+                MatMut::uninit(dx2, m, cols, cols),
+            )
+        });
+        let mut tile = vec![0f32; TILE_ROWS.min(rows) * cols];
+        for r0 in (0..rows).step_by(TILE_ROWS) {
+            let r1 = (r0 + TILE_ROWS).min(rows);
+            let t = &mut tile[..(r1 - r0) * cols];
             self.dequantize_rows(r0, t);
-            let product = |dy: &[f32], dx: &mut [MaybeUninit<f32>]| {
-                // SAFETY: `dx` is a unique borrow of `dx.len()` floats, exactly the m × cols
-                // block (asserted above); the first tile writes all of it, so later tiles add
-                // to initialized floats.
-                unsafe {
-                    crate::ops::gemm_raw(
-                        m,
-                        self.cols,
-                        r1 - r0,
-                        dx.as_mut_ptr().cast(),
-                        dx.len(),
-                        self.cols,
-                        r0 > 0,
-                        &dy[r0..],
-                        self.rows,
-                        1,
-                        t,
-                        self.cols,
-                        1,
-                        1.0,
-                        crate::ops::threads(),
-                    );
-                }
-            };
-            product(dy, dx);
+            let tm = MatRef::new(t, r1 - r0, cols);
+            // The first tile writes all of `dx`, the others add to it.
+            let acc = if r0 == 0 { Accum::Write } else { Accum::Add };
+            gemm(dxm.rb(), acc, dym.columns(r0, r1), tm, 1.0, Par::All);
             if let Some((dy2, dx2)) = &mut second {
-                product(dy2, dx2);
+                gemm(dx2.rb(), acc, dy2.columns(r0, r1), tm, 1.0, Par::All);
+            }
+            if r0 == 0 {
+                // SAFETY: the first tile overwrote both outputs whole.
+                unsafe {
+                    dxm.assume_init();
+                    if let Some((_, dx2)) = &mut second {
+                        dx2.assume_init();
+                    }
+                }
             }
         }
     }
@@ -570,6 +555,9 @@ pub(super) mod tests {
         let q = Sample::new(rows, cols, QuantType::Nf4, 5);
         let (p, want) = (q.view(), &q.dequantized);
         if !transpose::available(cols) {
+            eprintln!(
+                "skipped: the transposed 4-bit tiles need AVX2 + FMA, which this build lacks"
+            );
             return;
         }
         // whole width, a block inside (scales shared with the neighbours), the last strip
@@ -631,7 +619,7 @@ pub(super) mod tests {
         let dy = sample(m * rows, 4);
         let (p, wd) = (q.view(), &q.dequantized);
         // SAFETY: both products write every element of their output.
-        let y = unsafe { crate::ops::filled(m * rows, |y| p.matmul_t(&x, m, y)) };
+        let y = unsafe { crate::ops::uninit::filled(m * rows, |y| p.matmul_t(&x, m, y)) };
         // the second product from the same tiles (DoRA's A·Wᵀ): what matmul_t gives for it
         let (m2, x2) = (3, sample(3 * cols, 5));
         let (y1, y2) = nan_filled_pair(m * rows, m2 * rows, |y1, y2| {
@@ -653,7 +641,7 @@ pub(super) mod tests {
                 );
             }
         }
-        let dx = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy, m, dx, None)) };
+        let dx = unsafe { crate::ops::uninit::filled(m * cols, |dx| p.matmul(&dy, m, dx, None)) };
         // the backward's second product from the same tiles (PEFT-form DoRA): the first is
         // the same to the bit, the second what the first would give for its input
         let dy2 = sample(m * rows, 6);
@@ -661,7 +649,7 @@ pub(super) mod tests {
             p.matmul(&dy, m, dxa, Some((&dy2, dxb)))
         });
         assert_eq!(dxa, dx, "the first backward product is matmul's alone");
-        let dx2 = unsafe { crate::ops::filled(m * cols, |dx| p.matmul(&dy2, m, dx, None)) };
+        let dx2 = unsafe { crate::ops::uninit::filled(m * cols, |dx| p.matmul(&dy2, m, dx, None)) };
         assert_eq!(dxb, dx2, "the second backward product is matmul's alone");
         for i in 0..m {
             for r in 0..rows {

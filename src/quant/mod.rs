@@ -15,4 +15,4 @@ mod weight;
 
 pub use blockwise::{Absmax, QuantType};
 pub use error::{Error, Result};
-pub use weight::{Dtype, QuantizeOptions, QuantizedWeight};
+pub use weight::{Dtype, Parts, QuantizeOptions, QuantizedWeight};

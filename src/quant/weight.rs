@@ -6,14 +6,19 @@ use super::error::{Error, Result};
 use super::kernels::{self, Packed4};
 use crate::ops;
 
-/// The dtype a weight had before quantization (`quant_state.dtype`); dequantization rounds to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A floating-point storage type: what a weight had before quantization (`quant_state.dtype`,
+/// which dequantization rounds to), or what a written checkpoint stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Dtype {
     /// `float32`
+    #[default]
+    #[value(name = "f32", alias = "float32")]
     F32,
     /// `bfloat16`
+    #[value(name = "bf16", alias = "bfloat16")]
     Bf16,
     /// `float16`
+    #[value(name = "f16", alias = "float16")]
     F16,
 }
 
@@ -72,29 +77,46 @@ impl Default for QuantizeOptions {
     }
 }
 
-/// A frozen 4-bit matrix of shape `shape` (`[out, in]` for a Linear), stored as bitsandbytes
-/// stores it.
+/// The stored pieces of a 4-bit weight, as a bitsandbytes checkpoint holds them (checked for
+/// agreement by [`QuantizedWeight::from_parts`]).
 #[derive(Debug, Clone)]
-pub struct QuantizedWeight {
-    /// Packed codes, `(numel + 1) / 2` bytes, first element in the high nibble.
+pub struct Parts {
+    /// Packed codes, first element in the high nibble.
     pub packed: Vec<u8>,
     /// NF4 or FP4.
     pub quant_type: QuantType,
     /// Elements per block.
     pub blocksize: usize,
-    /// The dtype of the original weight (`quant_state.dtype`).
+    /// `quant_state.dtype`.
     pub dtype: Dtype,
-    /// Logical shape of the weight.
+    /// Logical shape.
     pub shape: Vec<usize>,
-    /// Block scales, plain or double-quantized.
+    /// Block scales.
     pub absmax: Absmax,
-    /// `quant_map`: the 16 code values.
+    /// `quant_map`.
     pub quant_map: [f32; 16],
+}
+
+/// A frozen 4-bit matrix of shape `shape` (`[out, in]` for a Linear), stored as bitsandbytes
+/// stores it: its [`Parts`] (read through `Deref`, checked to agree when the weight was built)
+/// and two tables derived from them once for the kernels.
+#[derive(Debug, Clone)]
+pub struct QuantizedWeight {
+    stored: Parts,
     /// The f32 absmax recovered once, so kernels need not redo the nested dequantization.
     absmax_f32: Vec<f32>,
     /// The code table the kernels use: `quant_map`, except that FP4 code 0b1000 is -0.0 where
     /// bitsandbytes' native sign-bit dequantization would run (the stored map has +0.0 there).
     kernel_code: [f32; 16],
+}
+
+/// The stored pieces, read-only: a weight's parts never change after the checks of
+/// [`QuantizedWeight::from_parts`].
+impl std::ops::Deref for QuantizedWeight {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.stored
+    }
 }
 
 impl QuantizedWeight {
@@ -116,13 +138,15 @@ impl QuantizedWeight {
         };
         Self::from_parts(
             "<in memory>",
-            packed,
-            opts.quant_type,
-            opts.blocksize,
-            dtype,
-            shape.to_vec(),
-            absmax,
-            opts.quant_type.code(),
+            Parts {
+                packed,
+                quant_type: opts.quant_type,
+                blocksize: opts.blocksize,
+                dtype,
+                shape: shape.to_vec(),
+                absmax,
+                quant_map: opts.quant_type.code(),
+            },
         )
     }
 
@@ -131,17 +155,16 @@ impl QuantizedWeight {
     /// # Errors
     /// [`Error::Inconsistent`] naming `name` when the byte count, absmax length or nested
     /// lengths do not match the shape and blocksize; [`Error::UnsupportedBlocksize`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_parts(
-        name: &str,
-        packed: Vec<u8>,
-        quant_type: QuantType,
-        blocksize: usize,
-        dtype: Dtype,
-        shape: Vec<usize>,
-        absmax: Absmax,
-        quant_map: [f32; 16],
-    ) -> Result<Self> {
+    pub fn from_parts(name: &str, parts: Parts) -> Result<Self> {
+        let Parts {
+            packed,
+            quant_type,
+            blocksize,
+            dtype,
+            shape,
+            absmax,
+            quant_map,
+        } = parts;
         check_blocksize(blocksize)?;
         let bad = |problem: String| Error::Inconsistent {
             name: name.to_string(),
@@ -204,13 +227,15 @@ impl QuantizedWeight {
             kernel_code[8] = -0.0;
         }
         Ok(Self {
-            packed,
-            quant_type,
-            blocksize,
-            dtype,
-            shape,
-            absmax,
-            quant_map,
+            stored: Parts {
+                packed,
+                quant_type,
+                blocksize,
+                dtype,
+                shape,
+                absmax,
+                quant_map,
+            },
             absmax_f32,
             kernel_code,
         })
@@ -313,7 +338,7 @@ impl QuantizedWeight {
     /// If `x.len()` does not match `m`.
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         // SAFETY: the product writes every element of its output.
-        unsafe { ops::filled(m * self.rows(), |y| self.view().matmul_t(x, m, y)) }
+        unsafe { ops::uninit::filled(m * self.rows(), |y| self.view().matmul_t(x, m, y)) }
     }
 
     /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles.
@@ -324,7 +349,7 @@ impl QuantizedWeight {
         let rows = self.rows();
         // SAFETY: the product writes every element of both outputs.
         unsafe {
-            ops::filled_pair(m * rows, m2 * rows, |y, y2| {
+            ops::uninit::filled_pair(m * rows, m2 * rows, |y, y2| {
                 self.view().matmul_t2(x, m, y, Some((x2, m2, y2)))
             })
         }
@@ -336,7 +361,7 @@ impl QuantizedWeight {
     /// If `dy.len()` does not match `m`.
     pub fn matmul(&self, dy: &[f32], m: usize) -> Vec<f32> {
         // SAFETY: the product writes every element of its output.
-        unsafe { ops::filled(m * self.cols(), |dx| self.view().matmul(dy, m, dx, None)) }
+        unsafe { ops::uninit::filled(m * self.cols(), |dx| self.view().matmul(dy, m, dx, None)) }
     }
 
     /// `dx = dy · W` and `dx2 = dy2 · W` (both `m × in`) from one pass of dequantized tiles.
@@ -347,7 +372,7 @@ impl QuantizedWeight {
         let cols = self.cols();
         // SAFETY: the product writes every element of both outputs.
         unsafe {
-            ops::filled_pair(m * cols, m * cols, |dx, dx2| {
+            ops::uninit::filled_pair(m * cols, m * cols, |dx, dx2| {
                 self.view().matmul(dy, m, dx, Some((dy2, dx2)))
             })
         }
@@ -431,46 +456,27 @@ mod tests {
 
     #[test]
     fn inconsistent_parts_are_named_errors() {
-        let err = QuantizedWeight::from_parts(
-            "model.layers.0.q_proj.weight",
-            vec![0u8; 10],
-            QuantType::Nf4,
-            64,
-            Dtype::F32,
-            vec![4, 64],
-            Absmax::Plain(vec![1.0; 4]),
-            QuantType::Nf4.code(),
-        )
-        .unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains("model.layers.0.q_proj.weight") && msg.contains("128"),
-            "{msg}"
-        );
-        let err = QuantizedWeight::from_parts(
-            "w",
-            vec![0u8; 128],
-            QuantType::Nf4,
-            64,
-            Dtype::F32,
-            vec![4, 64],
-            Absmax::Plain(vec![1.0; 3]),
-            QuantType::Nf4.code(),
-        )
-        .unwrap_err();
+        // a 4 × 64 NF4 weight's parts with the given byte count, blocksize and absmax length
+        let parts = |bytes: usize, blocksize: usize, blocks: usize| Parts {
+            packed: vec![0u8; bytes],
+            quant_type: QuantType::Nf4,
+            blocksize,
+            dtype: Dtype::F32,
+            shape: vec![4, 64],
+            absmax: Absmax::Plain(vec![1.0; blocks]),
+            quant_map: QuantType::Nf4.code(),
+        };
+        let name = "model.layers.0.q_proj.weight";
+        let msg = QuantizedWeight::from_parts(name, parts(10, 64, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(name) && msg.contains("128"), "{msg}");
+        let err = QuantizedWeight::from_parts("w", parts(128, 64, 3)).unwrap_err();
         assert!(matches!(err, Error::Inconsistent { .. }));
         assert!(matches!(
-            QuantizedWeight::from_parts(
-                "w",
-                vec![0u8; 128],
-                QuantType::Nf4,
-                48,
-                Dtype::F32,
-                vec![4, 64],
-                Absmax::Plain(vec![1.0; 4]),
-                QuantType::Nf4.code(),
-            ),
+            QuantizedWeight::from_parts("w", parts(128, 48, 4)),
             Err(Error::UnsupportedBlocksize(48))
         ));
+        assert!(QuantizedWeight::from_parts("w", parts(128, 64, 4)).is_ok());
     }
 }

@@ -32,18 +32,25 @@ pub fn dir_name(step: usize) -> String {
 ///
 /// # Errors
 /// I/O errors.
-pub fn save(out: &Path, model: &mut Llama, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+pub fn save(out: &Path, model: &Llama, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
     let dest = out.join(dir_name(state.step));
     let staged = StagedDir::new(&dest)?;
-    let mut params = Vec::new();
-    model.visit_trainable(&mut |name, t| params.push(OwnedTensor::f32(name, vec![t.len()], t)));
+    let params: Vec<OwnedTensor> = model
+        .trainable()
+        .into_iter()
+        .map(|id| {
+            let t = model.param(id);
+            OwnedTensor::f32(id.key(), vec![t.len()], t)
+        })
+        .collect();
     io::write_safetensors(
         &staged.path.join("trainable.safetensors"),
         &params,
         &io::pt_metadata(),
     )?;
     let mut moments = Vec::new();
-    for (name, m) in &opt.state {
+    for (id, m) in &opt.state {
+        let name = id.key();
         moments.push(OwnedTensor::f32(format!("m.{name}"), vec![m.m.len()], &m.m));
         moments.push(OwnedTensor::f32(format!("v.{name}"), vec![m.v.len()], &m.v));
     }
@@ -92,14 +99,21 @@ pub fn load(dir: &Path, model: &mut Llama, opt: &mut AdamW) -> Result<TrainerSta
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
     let params = Checkpoint::open(&dir.join("trainable.safetensors"))?;
+    let ids = model.trainable();
     let mut problems = Vec::new();
-    model.visit_trainable(
-        &mut |name, t| match params.get(name).and_then(|r| r.to_f32()) {
+    for &id in &ids {
+        let t = model.param_mut(id);
+        match params.get(&id.key()).and_then(|r| r.to_f32()) {
             Ok(v) if v.len() == t.len() => t.copy_from_slice(&v),
-            Ok(v) => problems.push(format!("{name}: {} values, model has {}", v.len(), t.len())),
+            Ok(v) => problems.push(format!(
+                "{}: {} values, model has {}",
+                id.key(),
+                v.len(),
+                t.len()
+            )),
             Err(e) => problems.push(e.to_string()),
-        },
-    );
+        }
+    }
     if !problems.is_empty() {
         return Err(bad(format!(
             "does not fit this model/config: {}",
@@ -108,11 +122,14 @@ pub fn load(dir: &Path, model: &mut Llama, opt: &mut AdamW) -> Result<TrainerSta
     }
     let moments = Checkpoint::open(&dir.join("optimizer.safetensors"))?;
     opt.state.clear();
-    for k in moments.keys().filter(|k| k.starts_with("m.")) {
-        let name = &k[2..];
-        let m = moments.get(k)?.to_f32()?;
-        let v = moments.get(&format!("v.{name}"))?.to_f32()?;
-        opt.state.insert(name.to_string(), Moments { m, v });
+    for id in ids {
+        let key = id.key();
+        if !moments.contains(&format!("m.{key}")) {
+            continue;
+        }
+        let m = moments.get(&format!("m.{key}"))?.to_f32()?;
+        let v = moments.get(&format!("v.{key}"))?.to_f32()?;
+        opt.state.insert(id, Moments { m, v });
     }
     opt.step = state.step as u64;
     Ok(state)

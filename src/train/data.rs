@@ -87,7 +87,15 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
         path: path.display().to_string(),
         msg: e.to_string(),
     })?;
-    parse(path, bytes, tokenizer, opts)
+    let ds = parse(path, bytes, tokenizer, opts)?;
+    tracing::info!(
+        data = %path.display(),
+        records = ds.records,
+        sequences = ds.sequences.len(),
+        label_tokens = ds.label_tokens,
+        "data loaded"
+    );
+    Ok(ds)
 }
 
 /// Parses data already in memory; `path` gives the format (by extension) and names errors.

@@ -60,5 +60,23 @@ pub enum Error {
     Io(#[from] crate::io::Error),
 }
 
+impl Error {
+    /// A [`Error::NonFinite`] naming `checkpoint` as the one to resume from (other errors are
+    /// returned as they are).
+    pub fn with_last_checkpoint(self, checkpoint: &str) -> Self {
+        match self {
+            Error::NonFinite {
+                step, what, value, ..
+            } => Error::NonFinite {
+                step,
+                what,
+                value,
+                last_checkpoint: checkpoint.to_string(),
+            },
+            other => other,
+        }
+    }
+}
+
 /// Result type of the `train` module.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,9 +1,12 @@
 //! AdamW with decoupled weight decay exactly as `torch.optim.AdamW` (fp32 states), and global
-//! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`.
+//! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`. Moments are kept by
+//! [`ParamId`], the registry's name of each trainable tensor.
 
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
+
+use crate::model::ParamId;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -38,15 +41,15 @@ pub struct Moments {
     pub v: Vec<f32>,
 }
 
-/// AdamW state for named tensors.
+/// AdamW state for the trainable tensors.
 #[derive(Debug, Clone, Default)]
 pub struct AdamW {
     /// Settings.
     pub opts: AdamWOptions,
     /// Steps taken.
     pub step: u64,
-    /// Moments by tensor name.
-    pub state: BTreeMap<String, Moments>,
+    /// Moments by tensor.
+    pub state: BTreeMap<ParamId, Moments>,
 }
 
 impl AdamW {
@@ -76,32 +79,28 @@ impl AdamW {
     /// If `param` and `grad` lengths differ.
     pub fn update(
         &mut self,
-        name: &str,
+        id: ParamId,
         param: &mut [f32],
-        grad: &[f32],
-        grad_scale: f32,
+        (grad, grad_scale): (&[f32], f32),
         lr: f32,
     ) {
         assert_eq!(
             param.len(),
             grad.len(),
-            "{name}: parameter and gradient lengths"
+            "{}: parameter and gradient lengths",
+            id.key()
         );
         let o = self.opts;
-        let st = self
-            .state
-            .entry(name.to_string())
-            .or_insert_with(|| Moments {
-                m: vec![0.0; param.len()],
-                v: vec![0.0; param.len()],
-            });
+        let st = self.state.entry(id).or_insert_with(|| Moments {
+            m: vec![0.0; param.len()],
+            v: vec![0.0; param.len()],
+        });
         let t = self.step as i32;
         let bc1 = 1.0 - o.beta1.powi(t);
         let bc2 = 1.0 - o.beta2.powi(t);
         let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
         // Element-wise, so chunks update in parallel with identical results.
-        use rayon::prelude::*;
         const CHUNK: usize = 1 << 15;
         param
             .par_chunks_mut(CHUNK)
@@ -121,8 +120,9 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of all gradients (f64 accumulation).
-pub fn global_norm(grads: &[(String, Vec<f32>)]) -> f64 {
+/// Global L2 norm of all gradients (f64 accumulation), summed tensor by tensor in the order
+/// given.
+pub fn global_norm(grads: &[(ParamId, Vec<f32>)]) -> f64 {
     // Partial sums over fixed chunks, added in order: parallel, yet the same on any thread count.
     let chunk = 1 << 16;
     grads
@@ -149,6 +149,8 @@ pub fn clip_coefficient(norm: f64, max_norm: f64) -> f32 {
 mod tests {
     use super::*;
 
+    const P: ParamId = ParamId::Norm;
+
     #[test]
     fn matches_torch_adamw_two_steps() {
         // torch.optim.AdamW([p], lr=0.1, weight_decay=0.01) with p=[1.0, -2.0],
@@ -159,13 +161,13 @@ mod tests {
         });
         let mut p = vec![1.0f32, -2.0];
         o.begin_step();
-        o.update("p", &mut p, &[0.5, -1.0], 1.0, 0.1);
+        o.update(P, &mut p, (&[0.5, -1.0], 1.0), 0.1);
         assert!(
             (p[0] - 0.899).abs() < 1e-5 && (p[1] + 1.898).abs() < 1e-5,
             "{p:?}"
         );
         o.begin_step();
-        o.update("p", &mut p, &[0.25, 0.5], 1.0, 0.1);
+        o.update(P, &mut p, (&[0.25, 0.5], 1.0), 0.1);
         // second step by hand: m=[0.425,-0.85]·… computed with the same formulas in f64
         let want0 = {
             let p1 = 0.899f64 * (1.0 - 0.001);
@@ -179,7 +181,7 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm() {
-        let g = vec![("a".to_string(), vec![3.0f32, 4.0])];
+        let g = vec![(P, vec![3.0f32, 4.0])];
         let norm = global_norm(&g);
         assert!((norm - 5.0).abs() < 1e-9);
         let c = clip_coefficient(norm, 1.0);
@@ -202,8 +204,8 @@ mod tests {
         for _ in 0..2 {
             a.begin_step();
             b.begin_step();
-            a.update("p", &mut pa, &g, c, 1e-3);
-            b.update("p", &mut pb, &scaled, 1.0, 1e-3);
+            a.update(P, &mut pa, (&g, c), 1e-3);
+            b.update(P, &mut pb, (&scaled, 1.0), 1e-3);
         }
         assert_eq!(pa, pb);
     }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Schedule shape after warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Constant.

@@ -1,24 +1,17 @@
 //! [`Attention`]: grouped-query causal self-attention with RoPE (HF `LlamaAttention`; Qwen2's
-//! q/k/v biases and Qwen3's per-head q/k RMSNorm; Mistral's sliding window).
+//! q/k/v biases and Qwen3's per-head q/k RMSNorm; Mistral's sliding window): the projections,
+//! norms and rotations around the attention core, which is a kernel (`ops::attention`).
 //!
-//! Forward per batch row b and head h (group g = h / (H/Hkv)):
-//! `S = Q_h·K_gᵀ/√Dh` (causal mask), `P = softmax(S)`, `O_h = P·V_g`, `y = o_proj(concat O)`.
-//! Backward: `dV_g += Pᵀ·dO`, `dP = dO·V_gᵀ`, `dS = P⊙(dP − rowsum(dP⊙P))`,
-//! `dQ_h = dS·K_g/√Dh`, `dK_g += dSᵀ·Q_h/√Dh`, then the inverse RoPE rotation and the
-//! projections' backward. Shapes: x (N = B·T, D), q (N, H·Dh), k/v (N, Hkv·Dh).
-//! The probabilities (B, H, T, T) are kept for backward, or, to save memory (with activation
-//! checkpointing), only each row's softmax statistics (B·H·T pairs): the backward then
-//! recomputes `P` one query block at a time, to the bit, in scratch that stays in cache (as
-//! FlashAttention does), for one more `Q·Kᵀ` product.
-
-use std::mem::MaybeUninit;
-
-use rayon::prelude::*;
+//! Forward: `q, k, v = x·Wqᵀ, x·Wkᵀ, x·Wvᵀ` (then the q/k norms), RoPE on q and k, the core
+//! `O = softmax(Q·Kᵀ/√Dh)·V` per head, `y = o_proj(O)`. Backward mirrors it: `o_proj`, the
+//! core's `dQ, dK, dV`, the inverse rotation, the norms, and the projections' backward.
+//! Shapes: x (N = B·T, D), q (N, H·Dh), k/v (N, Hkv·Dh). With activation checkpointing the
+//! core keeps each probability row's softmax statistics instead of the probabilities.
 
 use super::linear::{Linear, LinearGrads, LinearSaved};
 use super::rms_norm::{RmsNorm, RmsNormSaved};
 use super::rope::Rope;
-use crate::ops::bands::Bands;
+use crate::ops::attention::{self as core, Heads, Probs, Span};
 use crate::ops::{self, Rng};
 
 /// Self-attention block of one decoder layer. Fields are named after checkpoint keys.
@@ -94,174 +87,15 @@ pub struct AttentionGrads {
     pub k_norm: Option<Vec<f32>>,
 }
 
-/// Queries per block in the causal products: a block's keys end at its last query (128:
-/// fewer, larger products than 64, which matters with AVX-512 kernels; 256 would skip nothing).
-const QUERY_BLOCK: usize = 128;
-
-/// What the forward keeps of the attention probabilities for backward.
-enum Probs {
-    /// (B·H, T, T) the probabilities themselves.
-    Kept(Vec<f32>),
-    /// (B·H·T) each probability row's softmax statistics (see [`ops::softmax_replay`]).
-    Stats(Vec<[f32; 2]>),
-}
-
-/// How [`Attention::probabilities`] takes each row's softmax: fresh (writing the row's
-/// statistics) or replayed from the statistics the forward wrote.
-enum Softmax<'a> {
-    Fresh(&'a mut [[f32; 2]]),
-    Replay(&'a [[f32; 2]]),
-}
-
-struct Dims {
-    h: usize,
-    hkv: usize,
-    dh: usize,
-}
-
 impl Attention {
-    fn dims(&self) -> Dims {
-        Dims {
-            h: self.num_heads,
-            hkv: self.num_kv_heads,
-            dh: self.head_dim,
+    /// The heads the core kernel works on.
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            window: self.sliding_window,
         }
-    }
-
-    /// Probabilities of query rows `q0..q1` of head `hi` of sequence `bi` (query `i` at
-    /// absolute position `pos0 + i`) over keys `0..tk`, into `sb` ((q1 − q0) × tk): one product
-    /// `Q·Kᵀ` over the keys the block can see (causal; columns past them and outside a sliding
-    /// window are set to 0), then the row softmax, fresh or replayed from saved statistics.
-    /// Returns the block, every element written, and how many key columns (`kend`) it spans.
-    #[allow(clippy::too_many_arguments)]
-    fn probabilities<'s>(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        (bi, hi): (usize, usize),
-        (tq, tk, pos0): (usize, usize, usize),
-        (q0, q1): (usize, usize),
-        sb: &'s mut [MaybeUninit<f32>],
-        softmax: Softmax<'_>,
-    ) -> (&'s mut [f32], usize) {
-        let Dims { h, hkv, dh } = self.dims();
-        let scale = 1.0 / (dh as f32).sqrt();
-        let (qs, ks) = (h * dh, hkv * dh);
-        let qo = bi * tq * qs + hi * dh;
-        let ko = bi * tk * ks + (hi / (h / hkv)) * dh;
-        let kend = (pos0 + q1).min(tk);
-        let rows = q1 - q0;
-        assert_eq!(sb.len(), rows * tk, "probability block shape");
-        ops::gemm_write(
-            rows,
-            kend,
-            dh,
-            sb,
-            tk,
-            &q[qo + q0 * qs..],
-            qs,
-            1,
-            &k[ko..],
-            1,
-            ks,
-            1,
-        );
-        for row in sb.chunks_mut(tk) {
-            row[kend..].iter_mut().for_each(|x| {
-                x.write(0.0);
-            });
-        }
-        // SAFETY: the product wrote columns `..kend` of every row and the loop the rest.
-        let sb = unsafe { std::slice::from_raw_parts_mut(sb.as_mut_ptr().cast::<f32>(), sb.len()) };
-        let mut softmax = softmax;
-        for (i, row) in sb.chunks_mut(tk).enumerate() {
-            let p = pos0 + q0 + i;
-            let lo = self.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let hi_ = (p + 1).min(tk);
-            row[..lo].fill(0.0);
-            // columns from `kend` on were zeroed above (`hi_ <= kend`: a query sees no key past
-            // its block's last)
-            row[hi_..kend].fill(0.0);
-            let live = &mut row[lo..hi_];
-            match &mut softmax {
-                Softmax::Fresh(st) => st[i] = ops::softmax_scaled(live, scale),
-                Softmax::Replay(st) => ops::softmax_replay(live, scale, st[i]),
-            }
-        }
-        (sb, kend)
-    }
-
-    /// Scaled-dot-product attention for `b` sequences of `tq` queries over `tk` keys, where
-    /// query `i` sits at absolute position `pos0 + i` and keys at `0..tk`. Returns the context
-    /// (b·tq, H·Dh), each probability row's softmax statistics (b·H·tq) and, with
-    /// `keep_probs`, the probabilities (b·H, tq, tk) (empty otherwise).
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        b: usize,
-        tq: usize,
-        tk: usize,
-        pos0: usize,
-        keep_probs: bool,
-    ) -> (Vec<f32>, Vec<[f32; 2]>, Vec<f32>) {
-        let Dims { h, hkv, dh } = self.dims();
-        let (qs, ks) = (h * dh, hkv * dh);
-        let mut stats = vec![[0f32; 2]; b * h * tq];
-        let kept_len = if keep_probs { b * h * tq * tk } else { 0 };
-        // SAFETY: head `hi` of sequence `bi` writes columns `hi·dh..+dh` of rows `bi·tq..+tq`
-        // (every query block, without accumulating); the heads of all sequences cover `ctx`.
-        // With `keep_probs`, each head's query blocks write all of its `tq × tk` probabilities.
-        let (ctx, probs) = unsafe {
-            ops::filled_pair(b * tq * qs, kept_len, |dst, probs| {
-                let ctx = Bands::uninit(dst);
-                // One (batch row, head): its probabilities in `s`, the whole head's (`tq × tk`,
-                // kept) or one query block's at a time (scratch); its context into `ctx`.
-                let head = |bh: usize, st: &mut [[f32; 2]], s: &mut [MaybeUninit<f32>]| {
-                    let (bi, hi) = (bh / h, bh % h);
-                    let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
-                    let whole = s.len() == tq * tk;
-                    for q0 in (0..tq).step_by(QUERY_BLOCK) {
-                        let q1 = (q0 + QUERY_BLOCK).min(tq);
-                        let sb = if whole {
-                            &mut s[q0 * tk..q1 * tk]
-                        } else {
-                            &mut s[..(q1 - q0) * tk]
-                        };
-                        let fresh = Softmax::Fresh(&mut st[q0..q1]);
-                        let blk = (q0, q1);
-                        let (sb, kend) =
-                            self.probabilities(q, k, (bi, hi), (tq, tk, pos0), blk, sb, fresh);
-                        let at = (bi * tq + q0) * qs + hi * dh;
-                        // this head's block of this query block's rows (see SAFETY above)
-                        ctx.gemm(
-                            at,
-                            (q1 - q0, dh, kend),
-                            qs,
-                            false,
-                            (sb, tk, 1),
-                            (&v[vo..], ks, 1),
-                        );
-                    }
-                };
-                if keep_probs {
-                    stats
-                        .par_chunks_mut(tq)
-                        .zip(probs.par_chunks_mut(tq * tk))
-                        .enumerate()
-                        .for_each(|(bh, (st, s))| head(bh, st, s));
-                } else {
-                    // scratch for one query block, reused across tasks
-                    stats.par_chunks_mut(tq).enumerate().for_each_init(
-                        || vec![MaybeUninit::uninit(); QUERY_BLOCK.min(tq) * tk],
-                        |s, (bh, st)| head(bh, st, s),
-                    );
-                }
-            })
-        };
-        (ctx, stats, probs)
     }
 
     fn project_qkv(
@@ -300,7 +134,12 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Vec<f32> {
         let n = b * t;
-        let Dims { h, hkv, dh } = self.dims();
+        let Heads {
+            heads: h,
+            kv_heads: hkv,
+            head_dim: dh,
+            ..
+        } = self.heads();
         let (mut q, mut k, v, _) = self.project_qkv(x, n, &mut Rng::new(0), false);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q);
@@ -315,9 +154,15 @@ impl Attention {
                 c.k.extend_from_slice(&k);
                 c.v.extend_from_slice(&v);
                 let tk = c.k.len() / (hkv * dh);
-                self.attend(&q, &c.k, &c.v, 1, t, tk, pos0, false).0
+                let span = Span {
+                    b: 1,
+                    tq: t,
+                    tk,
+                    pos0,
+                };
+                core::forward(&self.heads(), (&q, &c.k, &c.v), span, false).0
             }
-            None => self.attend(&q, &k, &v, b, t, t, 0, false).0,
+            None => core::forward(&self.heads(), (&q, &k, &v), Span::square(b, t), false).0,
         };
         self.o_proj.forward(&ctx, n)
     }
@@ -335,7 +180,11 @@ impl Attention {
         keep_probs: bool,
     ) -> (Vec<f32>, AttentionSaved) {
         let n = b * t;
-        let Dims { h, hkv, .. } = self.dims();
+        let Heads {
+            heads: h,
+            kv_heads: hkv,
+            ..
+        } = self.heads();
         let (mut q, mut k, v, lin) = self.project_qkv(x, n, rng, true);
         let [q_lin, k_lin, v_lin] = lin.expect("train projections save state");
         let qk_norm = match (&self.q_norm, &self.k_norm) {
@@ -350,12 +199,8 @@ impl Attention {
         };
         rope.apply(&mut q, h, |i| i % t, false);
         rope.apply(&mut k, hkv, |i| i % t, false);
-        let (ctx, stats, kept) = self.attend(&q, &k, &v, b, t, t, 0, keep_probs);
-        let probs = if keep_probs {
-            Probs::Kept(kept)
-        } else {
-            Probs::Stats(stats)
-        };
+        let span = Span::square(b, t);
+        let (ctx, probs) = core::forward(&self.heads(), (&q, &k, &v), span, keep_probs);
         let (y, o_lin) = self.o_proj.forward_train(&ctx, n, rng);
         (
             y,
@@ -402,101 +247,11 @@ impl Attention {
             t,
         } = saved;
         let n = b * t;
-        let Dims { h, hkv, dh } = self.dims();
-        let group = h / hkv;
-        let scale = 1.0 / (dh as f32).sqrt();
-        let (qs, ks) = (h * dh, hkv * dh);
+        let hd = self.heads();
         let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx, dy, n);
         drop(ctx);
-        // Per (batch row, kv group), in parallel: dq of its heads, dk and dv of the group, each
-        // written straight into its columns of the token rows. Without kept probabilities, each
-        // query block's are recomputed into scratch `p` (reused across tasks).
-        let mut dk = vec![0f32; n * ks];
-        let mut dv = vec![0f32; n * ks];
-        let (dk_all, dv_all) = (Bands::new(&mut dk), Bands::new(&mut dv));
-        // SAFETY: the task of (sequence bi, group g) alone writes rows `bi·t..+t` of columns
-        // `g·dh..+dh` of `dk`/`dv` and of the columns of its heads `hi·dh..+dh` of `dq`; each
-        // head's query blocks write every row of its `dq` columns once, without accumulating.
-        let mut dq = unsafe {
-            ops::filled(n * qs, |dst| {
-                let dq_all = Bands::uninit(dst);
-                (0..b * hkv).into_par_iter().for_each_init(
-                    || {
-                        (
-                            vec![MaybeUninit::uninit(); QUERY_BLOCK.min(t) * t],
-                            vec![0f32; QUERY_BLOCK.min(t) * t],
-                        )
-                    },
-                    |(p, dp), bg| {
-                        let (bi, g) = (bg / hkv, bg % hkv);
-                        let ko = bi * t * ks + g * dh;
-                        for hi in g * group..(g + 1) * group {
-                            let qo = bi * t * qs + hi * dh;
-                            let head = (bi * h + hi) * t;
-                            for q0 in (0..t).step_by(QUERY_BLOCK) {
-                                let q1 = (q0 + QUERY_BLOCK).min(t);
-                                let rows = q1 - q0;
-                                // query block q0..q1 sees keys 0..q1 (causal)
-                                let kend = q1;
-                                let pb: &[f32] = match &probs {
-                                    Probs::Kept(all) => &all[(head + q0) * t..(head + q1) * t],
-                                    Probs::Stats(st) => {
-                                        let pb = &mut p[..rows * t];
-                                        let st = Softmax::Replay(&st[head + q0..head + q1]);
-                                        let (hd, blk) = ((bi, hi), (q0, q1));
-                                        self.probabilities(&q, &k, hd, (t, t, 0), blk, pb, st).0
-                                    }
-                                };
-                                let dpb = &mut dp[..rows * t];
-                                let dob = &dctx[qo + q0 * qs..];
-                                // `dst += lhsᵀ·rhs` into the group's key rows (dK, dV, laid
-                                // out as K: the block starts at `ko`): summed over the group's
-                                // heads and query blocks
-                                let add_kv = |dst: &Bands, lhs: &[f32], rhs: (&[f32], usize)| {
-                                    let rhs = (rhs.0, rhs.1, 1);
-                                    dst.gemm(ko, (kend, dh, rows), ks, true, (lhs, 1, t), rhs)
-                                };
-                                // dV += Pᵀ·dO
-                                add_kv(&dv_all, pb, (dob, qs));
-                                // dP = dO·Vᵀ
-                                ops::gemm(
-                                    rows,
-                                    kend,
-                                    dh,
-                                    dpb,
-                                    t,
-                                    false,
-                                    dob,
-                                    qs,
-                                    1,
-                                    &v[ko..],
-                                    1,
-                                    ks,
-                                    1,
-                                );
-                                for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
-                                    let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
-                                    let dot = ops::dot(pr, dr);
-                                    for (d, &pp) in dr.iter_mut().zip(pr) {
-                                        *d = pp * (*d - dot) * scale;
-                                    }
-                                }
-                                // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
-                                dq_all.gemm(
-                                    qo + q0 * qs,
-                                    (rows, dh, kend),
-                                    qs,
-                                    false,
-                                    (dpb, t, 1),
-                                    (&k[ko..], ks, 1),
-                                );
-                                add_kv(&dk_all, dpb, (&q[qo + q0 * qs..], qs));
-                            }
-                        }
-                    },
-                )
-            })
-        };
+        let (mut dq, mut dk, dv) = core::backward(&hd, (&q, &k, &v), &probs, &dctx, (b, t));
+        let (h, hkv) = (hd.heads, hd.kv_heads);
         drop(probs);
         rope.apply(&mut dq, h, |i| i % t, true);
         rope.apply(&mut dk, hkv, |i| i % t, true);
@@ -537,6 +292,7 @@ mod tests {
     use super::*;
     use crate::adapter::BaseWeight;
     use crate::model::config::RopeScaling;
+    use crate::ops::attention::QUERY_BLOCK;
 
     fn dense(out: usize, inp: usize, rng: &mut Rng) -> Linear {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.4).collect();
@@ -569,7 +325,7 @@ mod tests {
     /// Plain f64 attention (HF Llama's formulas, no blocks, no shared buffers) over dense
     /// projections without bias: `y` (b·t, d) for `x` (b·t, d).
     fn plain(attn: &Attention, x: &[f64], b: usize, t: usize) -> Vec<f64> {
-        let Dims { h, hkv, dh } = attn.dims();
+        let (h, hkv, dh) = (attn.num_heads, attn.num_kv_heads, attn.head_dim);
         let w = |l: &Linear| match &l.weight {
             BaseWeight::Dense { w, out, inp } => (w.clone(), *out, *inp),
             _ => unreachable!("dense test weights"),

@@ -4,9 +4,11 @@
 //! Backward mirrors forward: `dh = dy + norm2ᵀ(mlpᵀ(dy))`, `dx = dh + norm1ᵀ(attnᵀ(dh))`.
 
 use super::attention::{Attention, AttentionGrads, AttentionSaved, KvCache};
+use super::linear::Linear;
 use super::mlp::{Mlp, MlpGrads, MlpSaved};
 use super::rms_norm::{RmsNorm, RmsNormSaved};
 use super::rope::Rope;
+use crate::model::params::Proj;
 use crate::ops::{self, Rng};
 
 /// A decoder layer. Fields are named after checkpoint keys.
@@ -83,7 +85,46 @@ pub enum Keep {
     Input,
 }
 
+/// Which training forward [`Block::forward_full`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// The step's forward: the output is formed; attention keeps its probabilities or not.
+    Forward {
+        /// Keep attention's probabilities (else their statistics).
+        keep_probs: bool,
+    },
+    /// Backward's recomputation of a checkpointed block: no output, probabilities kept (one
+    /// block's at a time, used at once).
+    Recompute,
+}
+
 impl Block {
+    /// One of the block's seven linears.
+    pub fn linear(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::QProj => &self.self_attn.q_proj,
+            Proj::KProj => &self.self_attn.k_proj,
+            Proj::VProj => &self.self_attn.v_proj,
+            Proj::OProj => &self.self_attn.o_proj,
+            Proj::GateProj => &self.mlp.gate_proj,
+            Proj::UpProj => &self.mlp.up_proj,
+            Proj::DownProj => &self.mlp.down_proj,
+        }
+    }
+
+    /// One of the block's seven linears, to change.
+    pub fn linear_mut(&mut self, p: Proj) -> &mut Linear {
+        match p {
+            Proj::QProj => &mut self.self_attn.q_proj,
+            Proj::KProj => &mut self.self_attn.k_proj,
+            Proj::VProj => &mut self.self_attn.v_proj,
+            Proj::OProj => &mut self.self_attn.o_proj,
+            Proj::GateProj => &mut self.mlp.gate_proj,
+            Proj::UpProj => &mut self.mlp.up_proj,
+            Proj::DownProj => &mut self.mlp.down_proj,
+        }
+    }
+
     /// Inference, optionally extending a KV cache.
     pub fn forward(
         &self,
@@ -106,18 +147,21 @@ impl Block {
         y
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The training forward keeping every activation backward reads; `pass` says whether the
+    /// output is wanted and whether attention keeps its probabilities.
     fn forward_full(
         &self,
         x: Vec<f32>,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
         rope: &Rope,
         rng: &mut Rng,
-        need_output: bool,
-        keep_probs: bool,
+        pass: Pass,
     ) -> (Vec<f32>, FullSaved) {
         let n = b * t;
+        let (need_output, keep_probs) = match pass {
+            Pass::Forward { keep_probs } => (true, keep_probs),
+            Pass::Recompute => (false, true),
+        };
         let (a_in, n1) = self.input_layernorm.forward_train(&x);
         let (a, attn) = self
             .self_attn
@@ -156,7 +200,10 @@ impl Block {
         keep: Keep,
     ) -> (Vec<f32>, BlockSaved) {
         let mut r = rng.clone();
-        let (y, full) = self.forward_full(x, b, t, rope, &mut r, true, keep == Keep::All);
+        let pass = Pass::Forward {
+            keep_probs: keep == Keep::All,
+        };
+        let (y, full) = self.forward_full(x, (b, t), rope, &mut r, pass);
         if keep == Keep::Input {
             (
                 y,
@@ -186,7 +233,8 @@ impl Block {
         let full = match saved {
             BlockSaved::Full(f) => *f,
             BlockSaved::Checkpointed { x, mut rng, b, t } => {
-                self.forward_full(x, b, t, rope, &mut rng, false, true).1
+                self.forward_full(x, (b, t), rope, &mut rng, Pass::Recompute)
+                    .1
             }
         };
         let FullSaved {
@@ -231,16 +279,23 @@ impl Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::{AdapterKind, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter};
+    use crate::adapter::{
+        AdapterKind, AdapterOptions, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter,
+    };
     use crate::model::config::RopeScaling;
-    use crate::model::layers::linear::{Linear, LinearGrads};
+    use crate::model::layers::linear::LinearGrads;
 
     fn adapted(out: usize, inp: usize, kind: AdapterKind, rng: &mut Rng) -> Linear {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.3).collect();
         let weight = BaseWeight::Dense { w, out, inp };
-        let init = InitLoraWeights::Random;
-        let mut a = LoraAdapter::new(&weight, kind, 2, 2.0, 0.2, init, rng);
-        a.dora_dropout = DoraDropout::Peft;
+        let opts = AdapterOptions {
+            kind,
+            r: 2,
+            scaling: 2.0,
+            dropout: 0.2,
+            dora_dropout: DoraDropout::Peft,
+        };
+        let a = LoraAdapter::new(&weight, &opts, InitLoraWeights::Random, rng);
         let mut l = Linear::new(weight, None);
         l.adapter = Some(a);
         l

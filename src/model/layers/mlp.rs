@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::linear::{Linear, LinearGrads, LinearSaved};
-use crate::ops::{self, Rng};
+use crate::ops::{self, uninit, Rng};
 
 /// The feed-forward block of one decoder layer.
 #[derive(Debug, Clone)]
@@ -71,28 +71,17 @@ pub struct MlpGrads {
     pub down_proj: LinearGrads,
 }
 
-/// `h = silu(g) ⊙ u`, in parallel.
-fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
-    assert_eq!(g.len(), u.len(), "gate and up lengths");
-    // SAFETY: the chunks of `g` and `u` cover the buffer, and each element is written.
-    unsafe {
-        ops::filled(g.len(), |h| {
-            h.par_chunks_mut(ops::PAR_CHUNK)
-                .zip(
-                    g.par_chunks(ops::PAR_CHUNK)
-                        .zip(u.par_chunks(ops::PAR_CHUNK)),
-                )
-                .for_each(|(h, (g, u))| {
-                    for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-                        h.write(g * ops::sigmoid(g) * u);
-                    }
-                })
-        })
-    }
-}
-
-/// Rows of width F per parallel work item in the passes over scaled activations.
+/// Rows of width F per parallel work item in the in-place pass over `g` and `u`.
 const ROWS: usize = 16;
+
+/// `h = silu(g) ⊙ u`, in parallel, rows of `f`.
+fn swiglu(g: &[f32], u: &[f32], f: usize) -> Vec<f32> {
+    assert_eq!(g.len(), u.len(), "gate and up lengths");
+    uninit::new_rows(g.len() / f.max(1), f, |i, row| {
+        let (g, u) = (&g[i * f..(i + 1) * f], &u[i * f..(i + 1) * f]);
+        row.fill(g.iter().zip(u).map(|(&g, &u)| g * ops::sigmoid(g) * u))
+    })
+}
 
 /// `h = silu(g) ⊙ u` with `g`, `u` given as scaled values (kept activations, or DoRA's
 /// factors in the training forward and backward's recomputation): the same numbers as
@@ -102,24 +91,16 @@ fn swiglu_scaled(g: Scaled<'_>, u: Scaled<'_>, f: usize) -> Vec<f32> {
         g.v.len() == u.v.len() && g.k.len() == f && u.k.len() == f,
         "gate and up shapes"
     );
-    // SAFETY: the row blocks of `g.v` and `u.v` cover the buffer, and each row is written.
-    unsafe {
-        ops::filled(g.v.len(), |h| {
-            h.par_chunks_mut(f * ROWS)
-                .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
-                .for_each(|(h, (gv, uv))| {
-                    for ((h, gv), uv) in h.chunks_mut(f).zip(gv.chunks(f)).zip(uv.chunks(f)) {
-                        // zipped, not indexed: no bounds checks, so the loop vectorizes
-                        let gs = gv.iter().zip(g.k);
-                        let us = uv.iter().zip(u.k);
-                        for (h, ((&gv, &gk), (&uv, &uk))) in h.iter_mut().zip(gs.zip(us)) {
-                            let (gi, ui) = (gv * gk, uv * uk);
-                            h.write(gi * ops::sigmoid(gi) * ui);
-                        }
-                    }
-                })
-        })
-    }
+    uninit::new_rows(g.v.len() / f.max(1), f, |i, row| {
+        let (gv, uv) = (&g.v[i * f..(i + 1) * f], &u.v[i * f..(i + 1) * f]);
+        // zipped, not indexed: no bounds checks, so the loop vectorizes
+        let gs = gv.iter().zip(g.k);
+        let us = uv.iter().zip(u.k);
+        row.fill(gs.zip(us).map(|((&gv, &gk), (&uv, &uk))| {
+            let (gi, ui) = (gv * gk, uv * uk);
+            gi * ops::sigmoid(gi) * ui
+        }))
+    })
 }
 
 /// SwiGLU's backward from `dh`: `(dg, du)` with `dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))`,
@@ -142,28 +123,20 @@ fn swiglu_grads_scaled(
         g.v.len() == dh.len() && u.v.len() == dh.len(),
         "gate, up and dh lengths"
     );
-    // SAFETY: `du`'s row blocks pair with those of `dh` (same length), and each element of
-    // each row is written.
-    let du = unsafe {
-        ops::filled(dh.len(), |du| {
-            dh.par_chunks_mut(f * ROWS)
-                .zip(du.par_chunks_mut(f * ROWS))
-                .zip(g.v.par_chunks(f * ROWS).zip(u.v.par_chunks(f * ROWS)))
-                .for_each(|((dg, du), (gv, uv))| {
-                    let rows = dg.chunks_mut(f).zip(du.chunks_mut(f));
-                    for ((dg, du), (gv, uv)) in rows.zip(gv.chunks(f).zip(uv.chunks(f))) {
-                        let gs = gv.iter().zip(g.k);
-                        let us = uv.iter().zip(u.k);
-                        let out = dg.iter_mut().zip(du.iter_mut());
-                        for ((dg, du), ((&gv, &gk), (&uv, &uk))) in out.zip(gs.zip(us)) {
-                            let (a, b) = swiglu_grads(gv * gk, uv * uk, *dg);
-                            *dg = a;
-                            du.write(b);
-                        }
-                    }
-                })
-        })
-    };
+    let du = uninit::new_rows_with(&mut dh, f, |i, dg, row| {
+        let (gv, uv) = (&g.v[i * f..(i + 1) * f], &u.v[i * f..(i + 1) * f]);
+        let gs = gv.iter().zip(g.k);
+        let us = uv.iter().zip(u.k);
+        row.fill(
+            dg.iter_mut()
+                .zip(gs.zip(us))
+                .map(|(dg, ((&gv, &gk), (&uv, &uk)))| {
+                    let (a, b) = swiglu_grads(gv * gk, uv * uk, *dg);
+                    *dg = a;
+                    b
+                }),
+        )
+    });
     (dh, du)
 }
 
@@ -172,7 +145,8 @@ impl Mlp {
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let g = self.gate_proj.forward(x, n);
         let u = self.up_proj.forward(x, n);
-        self.down_proj.forward(&swiglu(&g, &u), n)
+        self.down_proj
+            .forward(&swiglu(&g, &u, self.gate_proj.out_features()), n)
     }
 
     /// Training forward. Without `need_output` (recomputation for backward) the output is
@@ -271,16 +245,25 @@ impl Mlp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::{AdapterKind, BaseWeight, DoraDropout, InitLoraWeights, LoraAdapter};
+    use crate::adapter::{
+        AdapterKind, AdapterOptions, AdapterParam, BaseWeight, DoraDropout, InitLoraWeights,
+        LoraAdapter,
+    };
 
     fn dora_linear(out: usize, inp: usize, rng: &mut Rng) -> Linear {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.3).collect();
         let weight = BaseWeight::Dense { w, out, inp };
-        let init = InitLoraWeights::Random;
-        let mut a = LoraAdapter::new(&weight, AdapterKind::Dora, 2, 2.0, 0.3, init, rng);
-        a.dora_dropout = DoraDropout::LoraOnly;
+        let opts = AdapterOptions {
+            kind: AdapterKind::Dora,
+            r: 2,
+            scaling: 2.0,
+            dropout: 0.3,
+            dora_dropout: DoraDropout::LoraOnly,
+        };
+        let mut a = LoraAdapter::new(&weight, &opts, InitLoraWeights::Random, rng);
         // Away from init (where m = ‖W + sBA‖ makes every k exactly 1).
-        for (i, m) in a.lora_magnitude_vector.iter_mut().flatten().enumerate() {
+        let m = a.param_mut(AdapterParam::Magnitude).expect("DoRA");
+        for (i, m) in m.iter_mut().enumerate() {
             *m *= 1.0 + 0.07 * (i % 5) as f32;
         }
         let mut l = Linear::new(weight, None);

@@ -15,9 +15,9 @@
 
 use rayon::prelude::*;
 
-use super::dropout::{Dropout, LaneMask};
-use crate::ops::lanes::F8;
-use crate::ops::reduce_parts;
+use super::lanes::F8;
+use super::mask::KeepMask;
+use super::par::reduce_parts;
 
 /// Rows per parallel work item (fixed, so partial sums and results do not depend on the thread
 /// count). 128 rather than 32: each block's partial `dA` / `dB` is zeroed and summed once, and at
@@ -28,7 +28,7 @@ const L: usize = 8;
 
 /// Dropout factors of elements `e0..e0 + 8` (all 1 without dropout).
 #[inline(always)]
-fn factors(mask: Option<&LaneMask>, e0: usize) -> F8 {
+fn factors(mask: Option<&KeepMask>, e0: usize) -> F8 {
     match mask {
         Some(m) => m.factors8(e0),
         None => F8::splat(1.0),
@@ -57,18 +57,25 @@ fn pad_rows(m: &[f32], rows: usize, rows8: usize, cols: usize) -> std::borrow::C
     std::borrow::Cow::Owned(p)
 }
 
-/// `u (n × r) = x_d · Aᵀ` for `x (n × inp)`, `A (r × inp)`.
-pub fn xd_at(
-    x: &[f32],
-    n: usize,
-    inp: usize,
-    a: &[f32],
-    r: usize,
-    drop: Option<&Dropout>,
-) -> Vec<f32> {
+/// A layer input `x (n × inp)` as the low-rank path sees it: `x_d = x ⊙ mask` when a dropout
+/// mask is given (never materialised), `x` otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// (n × inp) the input.
+    pub x: &'a [f32],
+    /// Rows.
+    pub n: usize,
+    /// Input features.
+    pub inp: usize,
+    /// The dropout's keep mask over the elements of `x`.
+    pub mask: Option<&'a KeepMask>,
+}
+
+/// `u (n × r) = x_d · Aᵀ` for `A (r × inp)`.
+pub fn xd_at(input: Input<'_>, a: &[f32], r: usize) -> Vec<f32> {
+    let Input { x, n, inp, mask } = input;
     let r8 = r.div_ceil(L) * L;
     let a = pad_rows(a, r, r8, inp);
-    let mask = drop.map(Dropout::lane_mask);
     let mut u = vec![0f32; n * r];
     u.par_chunks_mut(ROWS * r.max(1))
         .enumerate()
@@ -84,8 +91,7 @@ pub fn xd_at(
                         // SAFETY: c + 8 ≤ inp, the length of `xr` and of each of the 8 rows
                         // of `ag` (sliced above).
                         unsafe {
-                            let xd = F8::load_ptr(xr.as_ptr().add(c))
-                                * factors(mask.as_ref(), i * inp + c);
+                            let xd = F8::load_ptr(xr.as_ptr().add(c)) * factors(mask, i * inp + c);
                             for (j, acc) in acc.iter_mut().enumerate() {
                                 *acc = acc.fma(xd, F8::load_ptr(ag.as_ptr().add(j * inp + c)));
                             }
@@ -93,8 +99,7 @@ pub fn xd_at(
                     }
                     if full < inp {
                         let (c, w) = (full, inp - full);
-                        let xd =
-                            F8::load_partial(&xr[c..], w) * factors(mask.as_ref(), i * inp + c);
+                        let xd = F8::load_partial(&xr[c..], w) * factors(mask, i * inp + c);
                         for (j, acc) in acc.iter_mut().enumerate() {
                             *acc = acc.fma(xd, F8::load_partial(&ag[j * inp + c..], w));
                         }
@@ -129,14 +134,22 @@ pub fn grad_b_and_du(
             let mut db = vec![0f32; out * r8];
             let i0 = blk * ROWS;
             let rows = dub.len() / r8.max(1);
+            let side = OutputSide {
+                g,
+                out,
+                u: &u,
+                b: &b,
+                r8,
+                s,
+            };
             let mut k = 0;
             while k < rows {
                 // 4 rows share each load and store of B's and dB's row
                 if rows - k >= 4 {
-                    rows_b_du::<4>(g, i0 + k, out, &u, &b, r8, s, &mut db, &mut dub[k * r8..]);
+                    side.rows::<4>(i0 + k, &mut db, &mut dub[k * r8..]);
                     k += 4;
                 } else {
-                    rows_b_du::<1>(g, i0 + k, out, &u, &b, r8, s, &mut db, &mut dub[k * r8..]);
+                    side.rows::<1>(i0 + k, &mut db, &mut dub[k * r8..]);
                     k += 1;
                 }
             }
@@ -157,70 +170,77 @@ pub fn grad_b_and_du(
     (unpad(db, out), unpad(du, n))
 }
 
-/// Rows `i0..i0 + M` of [`grad_b_and_du`]: `dB += s·g_rowsᵀ·u_rows` into `db`, their `du` into
-/// `du_rows` (padded rank width `r8`).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn rows_b_du<const M: usize>(
-    g: &[f32],
-    i0: usize,
+/// The operands of [`grad_b_and_du`] with the rank padded to `r8`.
+struct OutputSide<'a> {
+    /// (n × out) output gradient.
+    g: &'a [f32],
     out: usize,
-    u: &[f32],
-    b: &[f32],
+    /// (n × r8) `u`, padded.
+    u: &'a [f32],
+    /// (out × r8) B, padded.
+    b: &'a [f32],
     r8: usize,
     s: f32,
-    db: &mut [f32],
-    du_rows: &mut [f32],
-) {
-    let gr: [&[f32]; M] = std::array::from_fn(|m| &g[(i0 + m) * out..(i0 + m + 1) * out]);
-    for j0 in (0..r8).step_by(L) {
-        let uv: [F8; M] =
-            std::array::from_fn(|m| F8::load(&u[(i0 + m) * r8 + j0..]) * F8::splat(s));
-        let mut acc = [F8::zero(); M];
-        assert!(b.len() >= out * r8 && db.len() >= out * r8);
-        for o in 0..out {
-            // SAFETY: o·r8 + j0 + 8 ≤ out·r8 ≤ the lengths of `b` and `db` (asserted above);
-            // `gr[m]` has `out` elements.
-            unsafe {
-                let bv = F8::load_ptr(b.as_ptr().add(o * r8 + j0));
-                let dbo = db.as_mut_ptr().add(o * r8 + j0);
-                let mut dbv = F8::load_ptr(dbo);
-                for m in 0..M {
-                    let gv = F8::splat(*gr[m].get_unchecked(o));
-                    acc[m] = acc[m].fma(gv, bv);
-                    dbv = dbv.fma(gv, uv[m]);
+}
+
+impl OutputSide<'_> {
+    /// Rows `i0..i0 + M`: `dB += s·g_rowsᵀ·u_rows` into `db`, their `du` into `du_rows`.
+    #[inline(always)]
+    fn rows<const M: usize>(&self, i0: usize, db: &mut [f32], du_rows: &mut [f32]) {
+        let OutputSide {
+            g,
+            out,
+            u,
+            b,
+            r8,
+            s,
+        } = *self;
+        let gr: [&[f32]; M] = std::array::from_fn(|m| &g[(i0 + m) * out..(i0 + m + 1) * out]);
+        for j0 in (0..r8).step_by(L) {
+            let uv: [F8; M] =
+                std::array::from_fn(|m| F8::load(&u[(i0 + m) * r8 + j0..]) * F8::splat(s));
+            let mut acc = [F8::zero(); M];
+            assert!(b.len() >= out * r8 && db.len() >= out * r8);
+            for o in 0..out {
+                // SAFETY: o·r8 + j0 + 8 ≤ out·r8 ≤ the lengths of `b` and `db` (asserted above);
+                // `gr[m]` has `out` elements.
+                unsafe {
+                    let bv = F8::load_ptr(b.as_ptr().add(o * r8 + j0));
+                    let dbo = db.as_mut_ptr().add(o * r8 + j0);
+                    let mut dbv = F8::load_ptr(dbo);
+                    for m in 0..M {
+                        let gv = F8::splat(*gr[m].get_unchecked(o));
+                        acc[m] = acc[m].fma(gv, bv);
+                        dbv = dbv.fma(gv, uv[m]);
+                    }
+                    dbv.store_ptr(dbo);
                 }
-                dbv.store_ptr(dbo);
             }
-        }
-        for m in 0..M {
-            (acc[m] * F8::splat(s)).store(&mut du_rows[m * r8 + j0..m * r8 + j0 + L]);
+            for m in 0..M {
+                (acc[m] * F8::splat(s)).store(&mut du_rows[m * r8 + j0..m * r8 + j0 + L]);
+            }
         }
     }
 }
 
 /// `dA (r × inp) = duᵀ · x_d` and, when `dx` is given, `dx (n × inp) += dropoutᵀ(du · A + extra)`
-/// for `du (n × r)`, `x (n × inp)`, `A (r × inp)` and an optional `extra (n × inp)` that shares
+/// for `du (n × r)`, `A (r × inp)` and an optional `extra (n × inp)` that shares
 /// the dropout (DoRA's dropped-out base path): one pass over `x`, `dx` (and `extra`). Without
 /// `dx` (nobody reads the layer's input gradient) only `dA` is formed.
-#[allow(clippy::too_many_arguments)]
 pub fn grad_a_and_dx(
+    input: Input<'_>,
     du: &[f32],
-    n: usize,
-    r: usize,
-    x: &[f32],
     a: &[f32],
-    inp: usize,
+    r: usize,
     extra: Option<&[f32]>,
-    drop: Option<&Dropout>,
     dx: Option<&mut [f32]>,
 ) -> Vec<f32> {
+    let Input { x, n, inp, mask } = input;
     assert!(dx.as_ref().is_none_or(|d| d.len() == n * inp), "dx shape");
     assert!(x.len() >= n * inp, "x shape");
     assert!(extra.is_none_or(|e| e.len() >= n * inp), "extra shape");
     let r8 = r.div_ceil(L) * L;
     let (du, a) = (pad_cols(du, n, r, r8), pad_rows(a, r, r8, inp));
-    let mask = drop.map(Dropout::lane_mask);
     let row_len = ROWS * inp.max(1);
     // One work item per fixed block of rows, with that block of `dx` when there is one.
     let blocks: Vec<(usize, Option<&mut [f32]>)> = match dx {
@@ -244,7 +264,7 @@ pub fn grad_a_and_dx(
                     let mut acc = [F8::zero(); L];
                     for k in 0..rows {
                         let i = i0 + k;
-                        let f = factors(mask.as_ref(), i * inp + c);
+                        let f = factors(mask, i * inp + c);
                         let d: &[f32; L] = du[i * r8 + j0..i * r8 + j0 + L]
                             .try_into()
                             .expect("8 ranks");
@@ -300,7 +320,7 @@ pub fn grad_a_and_dx(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::{self, Rng};
+    use crate::ops::{self, Accum, MatMut, MatRef, Par, Rng};
 
     #[test]
     fn fused_products_equal_the_materialised_ones() {
@@ -321,10 +341,8 @@ mod tests {
             let u: Vec<f32> = (0..n * r).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..out * r).map(|_| rng.normal()).collect();
             let (db, du) = grad_b_and_du(&g, n, out, &u, &b, r, s);
-            let mut want_db = vec![0f32; out * r];
-            ops::matmul_tn_into(&g, out, &u, r, n, &mut want_db, false);
-            let mut want_du = vec![0f32; n * r];
-            ops::gemm(n, r, out, &mut want_du, r, false, &g, out, 1, &b, r, 1, 1);
+            let want_db = ops::matmul_tn(&g, out, &u, r, n);
+            let want_du = ops::matmul_nn(&g, n, &b, out, r);
             assert_eq!((db.len(), du.len()), (out * r, n * r));
             for (p, q) in db.iter().zip(&want_db) {
                 assert!((p - s * q).abs() < 1e-4, "dB {p} vs {}", s * q);
@@ -341,45 +359,45 @@ mod tests {
         let a: Vec<f32> = (0..r * inp).map(|_| rng.normal()).collect();
         let du: Vec<f32> = (0..n * r).map(|_| rng.normal()).collect();
         let extra: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();
-        for drop in [None, Some(Dropout::new(0.25, 77))] {
-            let xd = drop.map_or(x.clone(), |d| d.applied(&x));
-            let u = xd_at(&x, n, inp, &a, r, drop.as_ref());
+        for mask in [None, Some(KeepMask::new(0.25, 77))] {
+            let xd: Vec<f32> = match &mask {
+                Some(m) => x.iter().enumerate().map(|(e, v)| v * m.factor(e)).collect(),
+                None => x.clone(),
+            };
+            let input = Input {
+                x: &x,
+                n,
+                inp,
+                mask: mask.as_ref(),
+            };
+            let u = xd_at(input, &a, r);
             let want = ops::matmul_nt(&xd, n, &a, r, inp);
             for (p, q) in u.iter().zip(&want) {
                 assert!((p - q).abs() < 1e-4, "u {p} vs {q}");
             }
-            let mut want_da = vec![0f32; r * inp];
-            ops::matmul_tn_into(&du, r, &xd, inp, n, &mut want_da, false);
+            let want_da = ops::matmul_tn(&du, r, &xd, inp, n);
             for ex in [None, Some(&extra[..])] {
                 let mut dx = vec![1f32; n * inp];
-                let da = grad_a_and_dx(&du, n, r, &x, &a, inp, ex, drop.as_ref(), Some(&mut dx));
+                let da = grad_a_and_dx(input, &du, &a, r, ex, Some(&mut dx));
                 for (p, q) in da.iter().zip(&want_da) {
                     assert!((p - q).abs() < 1e-4, "dA {p} vs {q}");
                 }
                 // without dx: the same dA, to the bit (same strips, same order)
-                let da_only = grad_a_and_dx(&du, n, r, &x, &a, inp, ex, drop.as_ref(), None);
+                let da_only = grad_a_and_dx(input, &du, &a, r, ex, None);
                 assert_eq!(da_only, da, "dA without dx");
                 let mut t = ex.map_or(vec![0f32; n * inp], |e| e.to_vec());
                 // t += du·A
                 ops::gemm(
-                    n,
-                    inp,
-                    r,
-                    &mut t,
-                    inp,
-                    true,
-                    &du,
-                    r,
-                    1,
-                    &a,
-                    inp,
-                    1,
-                    ops::threads(),
+                    MatMut::new(&mut t, n, inp),
+                    Accum::Add,
+                    MatRef::new(&du, n, r),
+                    MatRef::new(&a, r, inp),
+                    1.0,
+                    Par::All,
                 );
                 let mut want = vec![1f32; n * inp];
-                match drop {
-                    Some(d) => d.add_backward(&t, &mut want),
-                    None => want.iter_mut().zip(&t).for_each(|(w, v)| *w += v),
+                for (e, (w, v)) in want.iter_mut().zip(&t).enumerate() {
+                    *w += v * mask.as_ref().map_or(1.0, |m| m.factor(e));
                 }
                 for (p, q) in dx.iter().zip(&want) {
                     assert!((p - q).abs() < 1e-4, "dx {p} vs {q}");

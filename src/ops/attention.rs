@@ -1,0 +1,329 @@
+//! The attention core as a kernel: causal scaled-dot-product attention over grouped heads, its
+//! backward, and the probability blocks both share. The layer around it
+//! (`model::layers::attention`: projections, q/k norms, RoPE) calls [`forward`] and [`backward`]
+//! on rows of tokens holding every head side by side.
+//!
+//! Per sequence `b` and head `h` (group `g = h / (H/Hkv)`): `S = Q_h·K_gᵀ/√Dh` (causal mask,
+//! optional sliding window), `P = softmax(S)`, `O_h = P·V_g`. Backward: `dV_g += Pᵀ·dO`,
+//! `dP = dO·V_gᵀ`, `dS = P⊙(dP − rowsum(dP⊙P))`, `dQ_h = dS·K_g/√Dh`, `dK_g += dSᵀ·Q_h/√Dh`.
+//!
+//! The probabilities (B, H, T, T) are kept for backward, or, to save memory, only each row's
+//! softmax statistics (B·H·T pairs): the backward then recomputes `P` one query block at a
+//! time, to the bit, in scratch that stays in cache (as FlashAttention does), for one more
+//! `Q·Kᵀ` product. Each head's results are written straight into its columns of the token rows
+//! ([`Bands`]), so no per-head buffer is laid out afterwards.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::bands::Bands;
+use super::mat::{gemm, Accum, MatRef, Par};
+use super::math::{dot, softmax_replay, softmax_scaled};
+use super::uninit::{filled, filled_pair};
+
+/// Queries per block in the causal products: a block's keys end at its last query (128:
+/// fewer, larger products than 64, which matters with AVX-512 kernels; 256 would skip nothing).
+pub const QUERY_BLOCK: usize = 128;
+
+/// The heads of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    /// H, query heads.
+    pub heads: usize,
+    /// Hkv, key/value heads (H is a multiple).
+    pub kv_heads: usize,
+    /// Dh.
+    pub head_dim: usize,
+    /// A query sees at most this many keys, itself included (Mistral); `None`: all earlier.
+    pub window: Option<usize>,
+}
+
+/// `b` sequences of `tq` queries over `tk` keys, query `i` at absolute position `pos0 + i` and
+/// the keys at `0..tk` (`pos0 > 0` while decoding after a KV cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Sequences.
+    pub b: usize,
+    /// Queries per sequence.
+    pub tq: usize,
+    /// Keys per sequence.
+    pub tk: usize,
+    /// Position of the first query.
+    pub pos0: usize,
+}
+
+impl Span {
+    /// Training's shape: `t` queries over the same `t` keys.
+    pub fn square(b: usize, t: usize) -> Self {
+        Span {
+            b,
+            tq: t,
+            tk: t,
+            pos0: 0,
+        }
+    }
+}
+
+/// What the forward keeps of the probabilities for backward.
+pub enum Probs {
+    /// (B·H, T, T) the probabilities themselves.
+    Kept(Vec<f32>),
+    /// (B·H·T) each probability row's softmax statistics (see [`softmax_replay`]).
+    Stats(Vec<[f32; 2]>),
+}
+
+/// How [`probabilities`] takes each row's softmax: fresh (writing the row's statistics) or
+/// replayed from the statistics the forward wrote.
+enum Softmax<'a> {
+    Fresh(&'a mut [[f32; 2]]),
+    Replay(&'a [[f32; 2]]),
+}
+
+/// One block of probabilities: query rows `q0..q1` of head `hi` of sequence `bi`.
+#[derive(Clone, Copy)]
+struct Block {
+    bi: usize,
+    hi: usize,
+    q0: usize,
+    q1: usize,
+}
+
+/// Probabilities of one block over keys `0..tk`, into `sb` ((q1 − q0) × tk): one product
+/// `Q·Kᵀ` over the keys the block can see (causal; columns past them and outside a sliding
+/// window are set to 0), then the row softmax, fresh or replayed from saved statistics. Returns
+/// the block, every element written, and how many key columns (`kend`) it spans.
+fn probabilities<'s>(
+    hd: &Heads,
+    (q, k): (&[f32], &[f32]),
+    span: Span,
+    blk: Block,
+    sb: &'s mut [MaybeUninit<f32>],
+    mut softmax: Softmax<'_>,
+) -> (&'s mut [f32], usize) {
+    let Heads {
+        heads: h,
+        kv_heads: hkv,
+        head_dim: dh,
+        window,
+    } = *hd;
+    let Span { tq, tk, pos0, .. } = span;
+    let Block { bi, hi, q0, q1 } = blk;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (qs, ks) = (h * dh, hkv * dh);
+    let qo = bi * tq * qs + hi * dh;
+    let ko = bi * tk * ks + (hi / (h / hkv)) * dh;
+    let kend = (pos0 + q1).min(tk);
+    let rows = q1 - q0;
+    assert_eq!(sb.len(), rows * tk, "probability block shape");
+    {
+        let mut s = super::mat::MatMut::uninit(sb, rows, tk, tk);
+        let qm = MatRef::strided(&q[qo + q0 * qs..], rows, dh, qs);
+        let km = MatRef::strided(&k[ko..], kend, dh, ks);
+        gemm(
+            s.columns(0, kend),
+            Accum::Write,
+            qm,
+            km.t(),
+            1.0,
+            Par::Serial,
+        );
+    }
+    for row in sb.chunks_mut(tk) {
+        row[kend..].iter_mut().for_each(|x| {
+            x.write(0.0);
+        });
+    }
+    // SAFETY: the product wrote columns `..kend` of every row and the loop the rest.
+    let sb = unsafe { std::slice::from_raw_parts_mut(sb.as_mut_ptr().cast::<f32>(), sb.len()) };
+    for (i, row) in sb.chunks_mut(tk).enumerate() {
+        let p = pos0 + q0 + i;
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let hi_ = (p + 1).min(tk);
+        row[..lo].fill(0.0);
+        // columns from `kend` on were zeroed above (`hi_ <= kend`: a query sees no key past its
+        // block's last)
+        row[hi_..kend].fill(0.0);
+        let live = &mut row[lo..hi_];
+        match &mut softmax {
+            Softmax::Fresh(st) => st[i] = softmax_scaled(live, scale),
+            Softmax::Replay(st) => softmax_replay(live, scale, st[i]),
+        }
+    }
+    (sb, kend)
+}
+
+/// Attention over `span`: the context (b·tq, H·Dh) for `q` (b·tq, H·Dh) after RoPE and `k`, `v`
+/// (b·tk, Hkv·Dh), and what backward needs of the probabilities: all of them with
+/// `keep_probs` (b·H, tq, tk), else each row's softmax statistics.
+///
+/// # Panics
+/// If a slice is too short for its shape.
+pub fn forward(
+    hd: &Heads,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    span: Span,
+    keep_probs: bool,
+) -> (Vec<f32>, Probs) {
+    let Heads {
+        heads: h,
+        kv_heads: hkv,
+        head_dim: dh,
+        ..
+    } = *hd;
+    let Span { b, tq, tk, .. } = span;
+    let (qs, ks) = (h * dh, hkv * dh);
+    let mut stats = vec![[0f32; 2]; b * h * tq];
+    let kept_len = if keep_probs { b * h * tq * tk } else { 0 };
+    // SAFETY: head `hi` of sequence `bi` writes columns `hi·dh..+dh` of rows `bi·tq..+tq`
+    // (every query block, without accumulating); the heads of all sequences cover `ctx`. With
+    // `keep_probs`, each head's query blocks write all of its `tq × tk` probabilities.
+    let (ctx, probs) = unsafe {
+        filled_pair(b * tq * qs, kept_len, |dst, probs| {
+            let ctx = Bands::uninit(dst);
+            // One (sequence, head): its probabilities in `s`, the whole head's (`tq × tk`, kept)
+            // or one query block's at a time (scratch); its context into `ctx`.
+            let head = |bh: usize, st: &mut [[f32; 2]], s: &mut [MaybeUninit<f32>]| {
+                let (bi, hi) = (bh / h, bh % h);
+                let vo = bi * tk * ks + (hi / (h / hkv)) * dh;
+                let whole = s.len() == tq * tk;
+                for q0 in (0..tq).step_by(QUERY_BLOCK) {
+                    let q1 = (q0 + QUERY_BLOCK).min(tq);
+                    let sb = if whole {
+                        &mut s[q0 * tk..q1 * tk]
+                    } else {
+                        &mut s[..(q1 - q0) * tk]
+                    };
+                    let fresh = Softmax::Fresh(&mut st[q0..q1]);
+                    let blk = Block { bi, hi, q0, q1 };
+                    let (sb, kend) = probabilities(hd, (q, k), span, blk, sb, fresh);
+                    let at = (bi * tq + q0) * qs + hi * dh;
+                    // this head's columns of this query block's rows (see the SAFETY above)
+                    let out = ctx.block(at, q1 - q0, dh, qs);
+                    let p = MatRef::strided(sb, q1 - q0, kend, tk);
+                    let vm = MatRef::strided(&v[vo..], kend, dh, ks);
+                    gemm(out, Accum::Write, p, vm, 1.0, Par::Serial);
+                }
+            };
+            if keep_probs {
+                stats
+                    .par_chunks_mut(tq)
+                    .zip(probs.par_chunks_mut(tq * tk))
+                    .enumerate()
+                    .for_each(|(bh, (st, s))| head(bh, st, s));
+            } else {
+                // scratch for one query block, reused across tasks
+                stats.par_chunks_mut(tq).enumerate().for_each_init(
+                    || vec![MaybeUninit::uninit(); QUERY_BLOCK.min(tq) * tk],
+                    |s, (bh, st)| head(bh, st, s),
+                );
+            }
+        })
+    };
+    let probs = if keep_probs {
+        Probs::Kept(probs)
+    } else {
+        Probs::Stats(stats)
+    };
+    (ctx, probs)
+}
+
+/// Gradients of [`forward`] over `b` sequences of `t` tokens (training's square span): `(dq,
+/// dk, dv)` for the context gradient `dctx` (b·t, H·Dh), before any inverse RoPE.
+///
+/// # Panics
+/// If a slice is too short for its shape.
+pub fn backward(
+    hd: &Heads,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    probs: &Probs,
+    dctx: &[f32],
+    (b, t): (usize, usize),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Heads {
+        heads: h,
+        kv_heads: hkv,
+        head_dim: dh,
+        ..
+    } = *hd;
+    let n = b * t;
+    let group = h / hkv;
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (qs, ks) = (h * dh, hkv * dh);
+    let span = Span::square(b, t);
+    // Per (sequence, kv group), in parallel: dq of its heads, dk and dv of the group, each
+    // written straight into its columns of the token rows. Without kept probabilities, each
+    // query block's are recomputed into scratch `p` (reused across tasks).
+    let mut dk = vec![0f32; n * ks];
+    let mut dv = vec![0f32; n * ks];
+    let (dk_all, dv_all) = (Bands::new(&mut dk), Bands::new(&mut dv));
+    // SAFETY: the task of (sequence bi, group g) alone writes rows `bi·t..+t` of columns
+    // `g·dh..+dh` of `dk`/`dv` and of the columns of its heads `hi·dh..+dh` of `dq`; each head's
+    // query blocks write every row of its `dq` columns once, without accumulating.
+    let dq = unsafe {
+        filled(n * qs, |dst| {
+            let dq_all = Bands::uninit(dst);
+            (0..b * hkv).into_par_iter().for_each_init(
+                || {
+                    (
+                        vec![MaybeUninit::uninit(); QUERY_BLOCK.min(t) * t],
+                        vec![0f32; QUERY_BLOCK.min(t) * t],
+                    )
+                },
+                |(p, dp), bg| {
+                    let (bi, g) = (bg / hkv, bg % hkv);
+                    let ko = bi * t * ks + g * dh;
+                    for hi in g * group..(g + 1) * group {
+                        let qo = bi * t * qs + hi * dh;
+                        let head = (bi * h + hi) * t;
+                        for q0 in (0..t).step_by(QUERY_BLOCK) {
+                            let q1 = (q0 + QUERY_BLOCK).min(t);
+                            let rows = q1 - q0;
+                            // query block q0..q1 sees keys 0..q1 (causal)
+                            let kend = q1;
+                            let pb: &[f32] = match probs {
+                                Probs::Kept(all) => &all[(head + q0) * t..(head + q1) * t],
+                                Probs::Stats(st) => {
+                                    let pb = &mut p[..rows * t];
+                                    let st = Softmax::Replay(&st[head + q0..head + q1]);
+                                    let blk = Block { bi, hi, q0, q1 };
+                                    probabilities(hd, (q, k), span, blk, pb, st).0
+                                }
+                            };
+                            let dpb = &mut dp[..rows * t];
+                            let pm = MatRef::strided(pb, rows, kend, t);
+                            let dom = MatRef::strided(&dctx[qo + q0 * qs..], rows, dh, qs);
+                            let km = MatRef::strided(&k[ko..], kend, dh, ks);
+                            let vm = MatRef::strided(&v[ko..], kend, dh, ks);
+                            // dV += Pᵀ·dO (the group's key rows, summed over its heads and
+                            // query blocks)
+                            // the group's columns of this sequence (see the SAFETY above)
+                            let dvb = dv_all.block(ko, kend, dh, ks);
+                            gemm(dvb, Accum::Add, pm.t(), dom, 1.0, Par::Serial);
+                            // dP = dO·Vᵀ
+                            let dpm = super::mat::MatMut::strided(dpb, rows, kend, t);
+                            gemm(dpm, Accum::Write, dom, vm.t(), 1.0, Par::Serial);
+                            for (pr, dr) in pb.chunks(t).zip(dpb.chunks_mut(t)) {
+                                let (pr, dr) = (&pr[..kend], &mut dr[..kend]);
+                                let dot = dot(pr, dr);
+                                for (d, &pp) in dr.iter_mut().zip(pr) {
+                                    *d = pp * (*d - dot) * scale;
+                                }
+                            }
+                            // dQ = dS·K, dK += dSᵀ·Q (scale folded into dS)
+                            let dsm = MatRef::strided(dpb, rows, kend, t);
+                            // this head's columns of this query block (see the SAFETY above)
+                            let dqb = dq_all.block(qo + q0 * qs, rows, dh, qs);
+                            gemm(dqb, Accum::Write, dsm, km, 1.0, Par::Serial);
+                            let qm = MatRef::strided(&q[qo + q0 * qs..], rows, dh, qs);
+                            // the group's columns of this sequence (see the SAFETY above)
+                            let dkb = dk_all.block(ko, kend, dh, ks);
+                            gemm(dkb, Accum::Add, dsm.t(), qm, 1.0, Par::Serial);
+                        }
+                    }
+                },
+            )
+        })
+    };
+    (dq, dk, dv)
+}
