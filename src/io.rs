@@ -541,7 +541,8 @@ pub fn write_text(dest: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, dest).map_err(io_err(dest))
 }
 
-fn tmp_path(dest: &Path) -> PathBuf {
+/// `dest` with `.tmp-<pid>` appended: where a file is written before it is renamed onto `dest`.
+pub(crate) fn tmp_path(dest: &Path) -> PathBuf {
     let mut name = dest
         .file_name()
         .map(|n| n.to_os_string())

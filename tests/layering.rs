@@ -6,14 +6,16 @@
 use std::path::{Path, PathBuf};
 
 /// Each top-level module and its rank: a module may use only modules of a lower rank.
-const RANKS: [(&str, usize); 11] = [
+const RANKS: [(&str, usize); 13] = [
     ("sys", 0),
     ("io", 0),
+    ("gguf", 1),
     ("ops", 1),
     ("quant", 2),
     ("adapter", 3),
     ("model", 4),
     ("train", 5),
+    ("export", 5),
     ("bench", 6),
     ("fuzzing", 6),
     ("embedded", 6),

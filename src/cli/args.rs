@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::adapter::DoraDropout;
+use crate::export::ExportType;
 use crate::quant::{Dtype, QuantType};
 use crate::train::{Mode, TrainOverrides};
 
@@ -46,6 +47,8 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Fold an adapter into the base model and write a full checkpoint.
     Merge(MergeArgs),
+    /// Write a GGUF file for llama.cpp / Ollama (the adapter merged), or a GGUF LoRA adapter.
+    Export(ExportArgs),
     /// Benchmarks that print figures (quantization kernels, training steps).
     Bench(BenchArgs),
     /// Train several modes on the same data and compare them (table, JSON, plot).
@@ -223,6 +226,32 @@ pub struct MergeArgs {
     /// Write a bitsandbytes 4-bit checkpoint (re-quantized, as PEFT's 4-bit merge).
     #[arg(long)]
     pub requantize: bool,
+    /// Replace an existing --out.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `qdora export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The model and the adapter to merge into it (or to export alone).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output GGUF file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage type of the matrices (norms, biases and 1-D tensors stay f32).
+    #[arg(long = "type", value_enum, default_value_t = ExportType::F16)]
+    pub ggml_type: ExportType,
+    /// Write only the adapter, as a llama.cpp LoRA adapter (plain LoRA; DoRA is refused).
+    #[arg(long)]
+    pub adapter_only: bool,
+    /// `general.name` (default: the model folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// llama.cpp's name of a byte-level pre-tokenizer it does not recognize (llama-bpe, qwen2, ...).
+    #[arg(long)]
+    pub tokenizer_pre: Option<String>,
     /// Replace an existing --out.
     #[arg(long)]
     pub overwrite: bool,

@@ -4,6 +4,7 @@
 pub mod args;
 mod bench;
 mod compare;
+mod export;
 mod infer;
 mod quantize;
 mod train;
@@ -37,6 +38,7 @@ pub fn main() -> ExitCode {
         Command::Logits(a) => infer::logits(a),
         Command::Quantize(a) => quantize::quantize(a),
         Command::Merge(a) => quantize::merge(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Compare(a) => compare::run(*a),
     };

@@ -1,9 +1,10 @@
 //! Training data: the formats users bring, tokenized into fixed-length sequences with labels.
 //!
-//! Formats (JSONL, one record per line, or a JSON array): `{"text"}` (completion),
-//! alpaca `{"instruction", "input"?, "output"}`, chat `{"messages": [{"role", "content"}]}`
-//! (rendered with the model's chat template), pre-tokenized `{"input_ids", "labels"?}`; and plain
-//! `.txt` (documents separated by `<|endoftext|>` or the tokenizer's EOS text).
+//! Formats (JSONL, one record per line, a JSON array, or Parquet rows: see `parquet.rs`):
+//! `{"text"}` (completion), alpaca `{"instruction", "input"?, "output"}`, chat
+//! `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`
+//! (rendered with the model's chat template), pre-tokenized `{"input_ids", "labels"?}`; and
+//! plain `.txt` (documents separated by `<|endoftext|>` or the tokenizer's EOS text).
 //!
 //! Loss masking: alpaca and chat records train on the response only (`train_on_prompt` to
 //! override); prompt tokens get label -100.
@@ -83,11 +84,19 @@ fn data_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
 /// [`Error::Data`] with file and line for a bad record (unless skipped), [`Error::Dataset`] for
 /// an empty or unreadable file.
 pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> Result<Dataset> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Dataset {
-        path: path.display().to_string(),
-        msg: e.to_string(),
-    })?;
-    let ds = parse(path, bytes, tokenizer, opts)?;
+    let ds = if super::parquet::is_parquet(path) {
+        let mut c = Collector::new(tokenizer, opts);
+        super::parquet::for_each_record(path, &mut |place, v| {
+            c.add(&place.label, place.row, Ok(v))
+        })?;
+        c.finish(path)?
+    } else {
+        let bytes = std::fs::read(path).map_err(|e| Error::Dataset {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        parse(path, bytes, tokenizer, opts)?
+    };
     tracing::info!(
         data = %path.display(),
         records = ds.records,
@@ -96,6 +105,104 @@ pub fn load(path: &Path, tokenizer: Option<&Tokenizer>, opts: &DataOptions) -> R
         "data loaded"
     );
     Ok(ds)
+}
+
+/// Records as they are read and tokenized, before packing.
+struct Collector<'a> {
+    tokenizer: Option<&'a Tokenizer>,
+    opts: &'a DataOptions,
+    ds: Dataset,
+    records: Vec<Tokenized>,
+}
+
+impl<'a> Collector<'a> {
+    fn new(tokenizer: Option<&'a Tokenizer>, opts: &'a DataOptions) -> Self {
+        Self {
+            tokenizer,
+            opts,
+            ds: Dataset::default(),
+            records: Vec::new(),
+        }
+    }
+
+    /// Tokenizes one record read at `line` of `place` (a file, or a Parquet row group), or
+    /// counts it as skipped, or fails naming the place.
+    fn add(
+        &mut self,
+        place: &str,
+        line: usize,
+        item: std::result::Result<Value, String>,
+    ) -> Result<()> {
+        let bad = |msg: String| Error::Data {
+            path: place.to_string(),
+            line,
+            msg,
+        };
+        match item.and_then(|v| tokenize_record(&v, self.tokenizer, self.opts)) {
+            Ok(t) if t.ids.is_empty() => {
+                if self.opts.skip_bad_records {
+                    self.ds.skipped.push((line, "empty record".into()));
+                } else {
+                    return Err(bad("empty record (no tokens)".into()));
+                }
+            }
+            Ok(mut t) => {
+                t.line = line;
+                self.records.push(t);
+                self.ds.records += 1;
+            }
+            Err(msg) if self.opts.skip_bad_records => self.ds.skipped.push((line, msg)),
+            Err(msg) => return Err(bad(msg)),
+        }
+        Ok(())
+    }
+
+    /// Packs or pads the records into sequences.
+    fn finish(self, path: &Path) -> Result<Dataset> {
+        let Self {
+            opts,
+            mut ds,
+            records,
+            ..
+        } = self;
+        if records.is_empty() {
+            return Err(Error::Dataset {
+                path: path.display().to_string(),
+                msg: "no usable records".into(),
+            });
+        }
+        ds.sequences = if opts.packing {
+            pack(&records, opts.seq_len)
+        } else {
+            ds.truncated = records
+                .iter()
+                .filter(|r| r.ids.len() > opts.seq_len)
+                .map(|r| (r.line, r.ids.len()))
+                .collect();
+            pad(&records, opts.seq_len)
+        };
+        if ds.sequences.is_empty() {
+            return Err(Error::Dataset {
+                path: path.display().to_string(),
+                msg: format!(
+                    "fewer tokens than one sequence of {} (lower --seq-len or disable packing)",
+                    opts.seq_len
+                ),
+            });
+        }
+        ds.label_tokens = ds
+            .sequences
+            .iter()
+            .map(|s| {
+                s.labels
+                    .iter()
+                    .skip(1)
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .count()
+            })
+            .sum();
+        Ok(ds)
+    }
 }
 
 /// Parses data already in memory; `path` gives the format (by extension) and names errors.
@@ -113,8 +220,7 @@ pub fn parse(
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let mut ds = Dataset::default();
-    let mut records: Vec<Tokenized> = Vec::new();
+    let mut c = Collector::new(tokenizer, opts);
     if ext == "txt" {
         let text = String::from_utf8(bytes).map_err(|e| {
             let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
@@ -139,9 +245,9 @@ pub fn parse(
         for d in docs.iter().filter(|d| !d.trim().is_empty()) {
             let ids = tok.encode(d, true)?;
             let mut t = with_eos(ids, None, tok);
-            t.line = records.len() + 1;
-            records.push(t);
-            ds.records += 1;
+            t.line = c.records.len() + 1;
+            c.records.push(t);
+            c.ds.records += 1;
         }
     } else {
         let text = match String::from_utf8(bytes) {
@@ -177,63 +283,12 @@ pub fn parse(
                 })
                 .collect()
         };
+        let place = path.display().to_string();
         for (line, item) in items {
-            let parsed = item.and_then(|v| tokenize_record(&v, tokenizer, opts));
-            match parsed {
-                Ok(t) if t.ids.is_empty() => {
-                    if opts.skip_bad_records {
-                        ds.skipped.push((line, "empty record".into()));
-                    } else {
-                        return Err(data_err(path, line, "empty record (no tokens)"));
-                    }
-                }
-                Ok(mut t) => {
-                    t.line = line;
-                    records.push(t);
-                    ds.records += 1;
-                }
-                Err(msg) if opts.skip_bad_records => ds.skipped.push((line, msg)),
-                Err(msg) => return Err(data_err(path, line, msg)),
-            }
+            c.add(&place, line, item)?;
         }
     }
-    if records.is_empty() {
-        return Err(Error::Dataset {
-            path: path.display().to_string(),
-            msg: "no usable records".into(),
-        });
-    }
-    ds.sequences = if opts.packing {
-        pack(&records, opts.seq_len)
-    } else {
-        ds.truncated = records
-            .iter()
-            .filter(|r| r.ids.len() > opts.seq_len)
-            .map(|r| (r.line, r.ids.len()))
-            .collect();
-        pad(&records, opts.seq_len)
-    };
-    if ds.sequences.is_empty() {
-        return Err(Error::Dataset {
-            path: path.display().to_string(),
-            msg: format!(
-                "fewer tokens than one sequence of {} (lower --seq-len or disable packing)",
-                opts.seq_len
-            ),
-        });
-    }
-    ds.label_tokens = ds
-        .sequences
-        .iter()
-        .map(|s| {
-            s.labels
-                .iter()
-                .skip(1)
-                .filter(|&&l| l != IGNORE_INDEX)
-                .count()
-        })
-        .sum();
-    Ok(ds)
+    c.finish(path)
 }
 
 fn with_eos(mut ids: Vec<u32>, labels: Option<Vec<i64>>, tok: &Tokenizer) -> Tokenized {
@@ -318,9 +373,15 @@ fn tokenize_record(
         let full = enc(&format!("{prompt}{output}"), true)?;
         return Ok(masked(full, p.len(), opts.train_on_prompt, tok));
     }
-    if let Some(msgs) = obj.get("messages") {
-        let msgs: Vec<Message> =
-            serde_json::from_value(msgs.clone()).map_err(|e| format!("\"messages\": {e}"))?;
+    let msgs = match (obj.get("messages"), obj.get("conversations")) {
+        (Some(m), _) => {
+            Some(serde_json::from_value(m.clone()).map_err(|e| format!("\"messages\": {e}"))?)
+        }
+        (None, Some(c)) => Some(sharegpt(c)?),
+        (None, None) => None,
+    };
+    if let Some(msgs) = msgs {
+        let msgs: Vec<Message> = msgs;
         if msgs.is_empty() {
             return Err("\"messages\" is empty".into());
         }
@@ -338,7 +399,41 @@ fn tokenize_record(
         let f = enc(&full, false)?;
         return Ok(masked(f, p.len(), opts.train_on_prompt, tok));
     }
-    Err("unknown record format: expected \"text\", \"instruction\"/\"output\", \"messages\" or \"input_ids\"".into())
+    Err("unknown record format: expected \"text\", \"instruction\"/\"output\", \"messages\", \"conversations\" or \"input_ids\"".into())
+}
+
+/// ShareGPT's `conversations: [{"from", "value"}]` as chat messages: `human`/`user` → user,
+/// `gpt`/`assistant`/`chatgpt`/`bing`/`bard` → assistant, `system` → system.
+fn sharegpt(v: &Value) -> std::result::Result<Vec<Message>, String> {
+    let turns = v
+        .as_array()
+        .ok_or("\"conversations\" must be a list of {\"from\", \"value\"}")?;
+    turns
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let from = t["from"]
+                .as_str()
+                .ok_or(format!("\"conversations\"[{i}] has no string \"from\""))?;
+            let value = t["value"]
+                .as_str()
+                .ok_or(format!("\"conversations\"[{i}] has no string \"value\""))?;
+            let role = match from {
+                "human" | "user" => "user",
+                "gpt" | "assistant" | "chatgpt" | "bing" | "bard" | "model" => "assistant",
+                "system" => "system",
+                other => {
+                    return Err(format!(
+                        "\"conversations\"[{i}]: unknown \"from\": {other:?} (human, gpt or system)"
+                    ))
+                }
+            };
+            Ok(Message {
+                role: role.into(),
+                content: value.into(),
+            })
+        })
+        .collect()
 }
 
 fn masked(ids: Vec<u32>, prompt_len: usize, train_on_prompt: bool, tok: &Tokenizer) -> Tokenized {

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
+pub mod parquet;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
