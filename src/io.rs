@@ -56,7 +56,8 @@ pub enum Error {
 /// Result type of the `io` module.
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+/// Wraps an OS error with the file it happened on.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,

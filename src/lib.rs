@@ -1,8 +1,8 @@
 //! qdora: fine-tuning of Hugging Face Llama-family models on limited hardware, with QDoRA (DoRA
 //! adapters on an NF4 base) at its heart and full fine-tuning, LoRA, QLoRA and DoRA beside it.
 //!
-//! Modules depend one way: `sys`, `io` → `ops` → `quant` → `adapter` → `model` → `train` →
-//! `cli` (with `bench`, `fuzzing` and `embedded` beside `train`); `tests/layering.rs` checks it.
+//! Modules depend one way: `sys`, `io`, `dist` → `ops`, `gguf` → `quant` → `adapter` → `model`
+//! → `train`, `export` → `bench`, `fuzzing`, `embedded` → `cli`; `tests/layering.rs` checks it.
 //!
 //! Dimension legend used in shape comments: `B` batch, `T` tokens, `D` hidden, `H`/`Hkv` heads,
 //! `Dh` head dim, `F` MLP width, `V` vocab, `R` LoRA rank, `N = B*T` rows of a flattened batch.
@@ -13,6 +13,7 @@
 pub mod adapter;
 pub mod bench;
 pub mod cli;
+pub mod dist;
 pub mod embedded;
 pub mod export;
 pub mod fuzzing;

@@ -20,6 +20,8 @@ use args::{Cli, Command};
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // MPI stays initialized until this returns (under mpirun with the `mpi` feature).
+    let _mpi = crate::dist::init();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     let _ = tracing_subscriber::fmt()
@@ -44,6 +46,15 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if crate::dist::size() > 1 => {
+            // One rank's failure stops them all, instead of leaving the others waiting.
+            eprintln!(
+                "error on rank {} of {}: {e:#}",
+                crate::dist::rank(),
+                crate::dist::size()
+            );
+            crate::dist::abort(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -15,6 +15,10 @@ struct Bar {
 
 impl Observer for Bar {
     fn event(&mut self, e: Event<'_>) {
+        // Under MPI, rank 0 alone speaks.
+        if !crate::dist::is_root() {
+            return;
+        }
         match e {
             Event::Start {
                 trainable,
@@ -144,6 +148,9 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     if let Some(b) = &obs.bar {
         b.finish_and_clear();
     }
+    if !crate::dist::is_root() {
+        return Ok(ExitCode::SUCCESS);
+    }
     if s.interrupted {
         eprintln!(
             "interrupted at step {}: checkpoint saved in {}; continue with --resume",
@@ -152,8 +159,18 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(130));
     }
+    let ranks = if s.ranks > 1 {
+        format!(
+            " | {} ranks (peak RSS of rank 0; all-reduce {:.2} s, {:.1}% of the run)",
+            s.ranks,
+            s.allreduce_seconds,
+            100.0 * s.allreduce_seconds / s.train_seconds.max(1e-9)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "mode {} | {} steps in {:.1} s | {:.0} tokens/s | peak RSS {:.0} MiB",
+        "mode {} | {} steps in {:.1} s | {:.0} tokens/s | peak RSS {:.0} MiB{ranks}",
         s.mode, s.steps, s.train_seconds, s.tokens_per_s, s.peak_rss_mib
     );
     println!(

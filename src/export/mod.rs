@@ -25,7 +25,7 @@ use crate::model::{Arch, Llama, Proj};
 pub enum Error {
     /// Occurs when writing the file fails.
     #[error(transparent)]
-    Gguf(#[from] gguf::Error),
+    Io(#[from] crate::io::Error),
     /// Occurs when the tokenizer cannot be expressed.
     #[error("{path}: {msg}")]
     Tokenizer {

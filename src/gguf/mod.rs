@@ -5,13 +5,17 @@
 //! [`Writer`] streams: the table is fixed up front from shapes and types, then each tensor's
 //! bytes are appended in table order, so an export holds one tensor at a time; the file is
 //! written under a temporary name and renamed into place. [`GgufFile::open`] reads a file back
-//! (tests, and checking an export). The ggml block formats live in [`blocks`].
+//! (tests, and checking an export). The ggml block formats live in [`blocks`]. Errors are
+//! the checkpoint files' ([`crate::io::Error`]): a file that cannot be read or written, or one
+//! that is not what it claims.
 
 pub mod blocks;
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+
+use crate::io::io_err;
 
 pub use blocks::GgmlType;
 
@@ -22,29 +26,7 @@ pub const VERSION: u32 = 3;
 /// Tensor data alignment (llama.cpp's default, written as `general.alignment` by no one).
 pub const ALIGNMENT: u64 = 32;
 
-/// Errors of GGUF reading and writing.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Occurs when a file cannot be opened, read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file at fault.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// Occurs when a file is not a GGUF file qdora can read.
-    #[error("{path}: {msg}")]
-    Format {
-        /// The file at fault.
-        path: PathBuf,
-        /// What is wrong with it.
-        msg: String,
-    },
-}
-
-/// Result type of the `gguf` module.
-pub type Result<T> = std::result::Result<T, Error>;
+pub use crate::io::{Error, Result};
 
 /// A metadata value, with the GGUF type it is written as.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,13 +149,6 @@ impl TensorInfo {
 
 fn align(n: u64) -> u64 {
     n.div_ceil(ALIGNMENT) * ALIGNMENT
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Streams a GGUF file: header, metadata and tensor table at [`create`](Self::create), then each

@@ -21,6 +21,14 @@ pub struct TrainerState {
     pub seed: u64,
     /// Train loss of the last step.
     pub loss: f64,
+    /// Ranks of the run that wrote it (1 for one process; must match on resume, since the
+    /// global batch and the micro-batch each rank computes depend on it).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Name of the checkpoint folder of `step`.

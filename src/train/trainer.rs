@@ -5,6 +5,13 @@
 //! evaluate, checkpoint), [`evaluate`](Trainer::evaluate), and [`finish`](Trainer::finish)
 //! (the PEFT adapter or the full checkpoint with the tokenizer, resolved config and loss plot).
 //! [`train`] runs them in order, stopping on non-finite numbers or Ctrl-C (after saving).
+//!
+//! Under MPI (`crate::dist`, N ranks) every rank runs the same loop on the same data order: a
+//! step's global batch is N × `grad_accum` micro-batches, rank r computes micro-batches
+//! `r·grad_accum ..`, their gradients are summed across ranks in rank order, and every rank
+//! applies the same AdamW step. Dropout is keyed by the global micro-batch, so N ranks give the
+//! numbers of one process with `grad_accum × N`. Evaluation is sharded and summed. Rank 0 alone
+//! writes files.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,12 +22,13 @@ use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
 use super::data::{self, DataOptions, Sequence};
 use super::error::{Error, Result};
-use super::eval::evaluate;
+use super::eval::{evaluate, evaluate_with};
 use super::memory::MemoryEstimate;
 use super::metrics::Metrics;
 use super::optim::{clip_coefficient, global_norm, AdamW, AdamWOptions};
 use super::plot;
 use crate::adapter::LoraConfig;
+use crate::dist;
 use crate::model::adapters;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Grads, Llama, StepOptions};
@@ -135,6 +143,17 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// Records skipped as unparsable.
     pub skipped_records: usize,
+    /// Processes the run was spread over (MPI ranks; 1 for one process).
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
+    /// Seconds rank 0 spent summing across ranks (gradients, losses, evaluation; waiting for
+    /// slower ranks included).
+    #[serde(default)]
+    pub allreduce_seconds: f64,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// The metrics line of the evaluation before the first step.
@@ -180,7 +199,9 @@ impl Trainer {
         if !problems.is_empty() {
             return Err(Error::Settings(problems));
         }
-        check_output(&run)?;
+        if dist::is_root() {
+            check_output(&run)?;
+        }
         let tokenizer = Tokenizer::load(&run.model_dir).ok();
         let dopts = DataOptions {
             seq_len: cfg.seq_len,
@@ -210,10 +231,10 @@ impl Trainer {
             None if cfg.eval_fraction > 0.0 => data::split(ds.sequences, cfg.eval_fraction),
             None => (ds.sequences, Vec::new()),
         };
-        let per_step = cfg.batch_size * cfg.grad_accum;
+        let per_step = cfg.batch_size * cfg.grad_accum * dist::size();
         if train_seqs.len() < per_step {
             return Err(Error::Settings(vec![format!(
-                "batch_size × grad_accum = {per_step} sequences per step, but the training data has only {} sequences of {} tokens",
+                "batch_size × grad_accum × ranks = {per_step} sequences per step, but the training data has only {} sequences of {} tokens",
                 train_seqs.len(),
                 cfg.seq_len
             )]));
@@ -298,6 +319,17 @@ impl Trainer {
                 ),
             });
         }
+        if st.world_size != dist::size() {
+            return Err(Error::Checkpoint {
+                path: dir.display().to_string(),
+                msg: format!(
+                    "was written by a run of {} rank(s); resume it with mpirun -np {} (this run has {})",
+                    st.world_size,
+                    st.world_size,
+                    dist::size()
+                ),
+            });
+        }
         self.done = st.step;
         self.last_checkpoint = dir.display().to_string();
         let text = format!("resuming from {} (step {})", dir.display(), self.done);
@@ -311,25 +343,36 @@ impl Trainer {
     /// # Errors
     /// The folder or file cannot be written; model errors.
     pub fn start(&mut self, obs: &mut dyn Observer) -> Result<()> {
-        std::fs::create_dir_all(&self.run.out).map_err(|source| crate::io::Error::Io {
-            path: self.run.out.clone(),
-            source,
-        })?;
-        let mut metrics = Metrics::open(&self.run.out, self.done)?;
+        let mut metrics = if dist::is_root() {
+            std::fs::create_dir_all(&self.run.out).map_err(|source| crate::io::Error::Io {
+                path: self.run.out.clone(),
+                source,
+            })?;
+            Some(Metrics::open(&self.run.out, self.done)?)
+        } else {
+            None
+        };
         self.initial_eval = if !self.eval_seqs.is_empty() && self.done == 0 {
             let e = self.evaluate()?;
-            metrics.eval_curve.push((0, e));
-            metrics.log(&InitialEval {
-                step: 0,
-                eval_loss: e,
-            })?;
+            if let Some(m) = &mut metrics {
+                m.eval_curve.push((0, e));
+                m.log(&InitialEval {
+                    step: 0,
+                    eval_loss: e,
+                })?;
+            }
             Some(e)
         } else {
-            metrics.eval_curve.first().map(|e| e.1)
+            metrics
+                .as_ref()
+                .and_then(|m| m.eval_curve.first().map(|e| e.1))
         };
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         let trainable = self.model.trainable_summary();
-        let memory = self.memory.describe(self.run.config.checkpointing());
+        let mut memory = self.memory.describe(self.run.config.checkpointing());
+        if dist::size() > 1 {
+            memory = format!("{memory} per rank ({} ranks)", dist::size());
+        }
         obs.event(Event::Start {
             trainable: &trainable,
             memory: &memory,
@@ -350,14 +393,15 @@ impl Trainer {
         self.done
     }
 
-    /// The step's micro-batches, in the run's data order.
+    /// The step's micro-batches, all ranks' (N × `grad_accum`), in the run's data order.
     fn batches(&mut self) -> Vec<Batch> {
         let cfg = &self.run.config;
-        (0..cfg.grad_accum)
+        let per_step = cfg.grad_accum * dist::size();
+        (0..per_step)
             .map(|k| {
                 let idx: Vec<usize> = (0..cfg.batch_size)
                     .map(|i| {
-                        let g = (self.done * cfg.grad_accum + k) * cfg.batch_size + i;
+                        let g = (self.done * per_step + k) * cfg.batch_size + i;
                         self.order.sample(g)
                     })
                     .collect();
@@ -400,7 +444,7 @@ impl Trainer {
             None
         };
         let cfg = &self.run.config;
-        let tokens_per_step = (cfg.batch_size * cfg.grad_accum * cfg.seq_len) as f64;
+        let tokens_per_step = (cfg.batch_size * cfg.grad_accum * cfg.seq_len * dist::size()) as f64;
         let report = StepReport {
             step: done,
             total: self.total,
@@ -440,9 +484,15 @@ impl Trainer {
             step: self.done,
             seed: self.run.config.seed,
             loss,
+            world_size: dist::size(),
         };
-        let p = checkpoint::save(&self.run.out, &self.model, &self.opt, &st)?;
-        tracing::info!(path = %p.display(), step = self.done, "checkpoint written");
+        let p = if dist::is_root() {
+            let p = checkpoint::save(&self.run.out, &self.model, &self.opt, &st)?;
+            tracing::info!(path = %p.display(), step = self.done, "checkpoint written");
+            p
+        } else {
+            self.run.out.join(checkpoint::dir_name(self.done))
+        };
         self.last_checkpoint = p.display().to_string();
         Ok(p)
     }
@@ -453,7 +503,16 @@ impl Trainer {
     /// Model errors.
     pub fn evaluate(&mut self) -> Result<f64> {
         let bs = self.run.config.batch_size;
-        evaluate(&mut self.model, &self.eval_seqs, bs)
+        if dist::size() == 1 {
+            return evaluate(&mut self.model, &self.eval_seqs, bs);
+        }
+        // Rank r evaluates the r-th contiguous share; sums and counts are added across ranks.
+        let (n, r, len) = (dist::size(), dist::rank(), self.eval_seqs.len());
+        let share = &self.eval_seqs[r * len / n..(r + 1) * len / n];
+        let (sum, count) = evaluate_with(&mut self.model, share, bs, &mut |_| {})?;
+        let mut v = [sum, count as f64];
+        dist::sum_f64(&mut v);
+        Ok(v[0] / v[1].max(1.0))
     }
 
     /// Ends the run: unless it was interrupted, writes the adapter (or the full model), the
@@ -462,26 +521,30 @@ impl Trainer {
     /// # Errors
     /// Files that cannot be written.
     pub fn finish(mut self, interrupted: bool) -> Result<TrainSummary> {
-        let mut metrics = self.metrics.take().ok_or_else(|| {
-            Error::Settings(vec!["finish called before start (no metrics file)".into()])
-        })?;
-        metrics.flush()?;
+        if self.t_start.is_none() {
+            return Err(Error::Settings(vec![
+                "finish called before start (no metrics file)".into(),
+            ]));
+        }
+        let mut metrics = self.metrics.take();
         let train_seconds = self.t_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        if !interrupted {
-            write_outputs(&self.run, &self.model, self.lora.as_ref(), &metrics)?;
+        // Only rank 0 holds the metrics file, and writes.
+        if let Some(m) = &mut metrics {
+            m.flush()?;
+            if !interrupted {
+                write_outputs(&self.run, &self.model, self.lora.as_ref(), m)?;
+            }
         }
         let (trainable_params, total_params) = self.model.parameter_counts();
         drop(self.model);
         let cfg = &self.run.config;
-        let tokens_per_step = (cfg.batch_size * cfg.grad_accum * cfg.seq_len) as f64;
+        let tokens_per_step = (cfg.batch_size * cfg.grad_accum * cfg.seq_len * dist::size()) as f64;
         let mut sorted = self.step_times.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
-        let Metrics {
-            train_curve,
-            eval_curve,
-            ..
-        } = metrics;
+        let (train_curve, eval_curve) = metrics
+            .map(|m| (m.train_curve, m.eval_curve))
+            .unwrap_or_default();
         let summary = TrainSummary {
             mode: cfg.mode.as_str().into(),
             steps: self.done,
@@ -503,9 +566,13 @@ impl Trainer {
             eval_curve,
             interrupted,
             skipped_records: self.skipped_records,
+            ranks: dist::size(),
+            allreduce_seconds: dist::sum_seconds(),
         };
-        let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
-        crate::io::write_text(&self.run.out.join("summary.json"), &json)?;
+        if dist::is_root() {
+            let json = serde_json::to_string_pretty(&summary).unwrap_or_default();
+            crate::io::write_text(&self.run.out.join("summary.json"), &json)?;
+        }
         Ok(summary)
     }
 }
@@ -522,7 +589,7 @@ pub fn train(run: &TrainRun, obs: &mut dyn Observer) -> Result<TrainSummary> {
     t.start(obs)?;
     let mut interrupted = false;
     while t.done() < t.total() {
-        if crate::sys::interrupted() {
+        if dist::any(crate::sys::interrupted()) {
             let p = t.save_checkpoint(t.final_loss)?;
             obs.event(Event::Checkpoint(&p));
             interrupted = true;
@@ -546,8 +613,10 @@ fn accumulate(dst: &mut Grads, src: Grads) {
     }
 }
 
-/// One optimizer step of `model` on `batches` (its micro-batches) as step `step` (1-based) at
-/// learning rate `lr`: returns (mean loss, gradient norm before clipping).
+/// One optimizer step of `model` on `batches` (the step's micro-batches, all ranks') as step
+/// `step` (1-based) at learning rate `lr`: returns (mean loss, gradient norm before clipping).
+/// This rank computes its `batches.len() / N` micro-batches (dropout keyed by each one's index
+/// in the step); gradients and losses are summed across ranks before clipping and AdamW.
 ///
 /// # Errors
 /// [`Error::NonFinite`] naming the loss or the first gradient at fault (its
@@ -567,12 +636,17 @@ pub fn optimizer_step(
     let mut grads: Grads = Vec::new();
     let mut loss_sum = 0.0;
     let base = Rng::new(cfg.seed).fork(1_000_000 + step as u64);
-    for (k, batch) in batches.iter().enumerate() {
+    let per_rank = batches.len() / dist::size();
+    let first = dist::rank() * per_rank;
+    for (k, batch) in batches.iter().enumerate().skip(first).take(per_rank) {
         let mut rng = base.fork(k as u64);
         let (ids, labels) = (&batch.ids, &batch.labels);
         let (s, _, g) = model.forward_backward(ids, labels, batch.b, batch.t, &opts, &mut rng)?;
         loss_sum += s;
         accumulate(&mut grads, g);
+    }
+    if dist::size() > 1 {
+        loss_sum = sum_across_ranks(&mut grads, loss_sum);
     }
     let loss = loss_sum / total_labels.max(1) as f64;
     let non_finite = |what: String, value: f64| Error::NonFinite {
@@ -607,6 +681,24 @@ pub fn optimizer_step(
         opt.update(id, model.param_mut(id), (&g, grad_scale), lr);
     }
     Ok((loss, norm))
+}
+
+/// Sums the gradients (one flat buffer, one collective) and the loss across ranks.
+fn sum_across_ranks(grads: &mut Grads, loss_sum: f64) -> f64 {
+    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(|(_, g)| g.len()).sum());
+    for (_, g) in grads.iter() {
+        flat.extend_from_slice(g);
+    }
+    dist::sum_f32(&mut flat);
+    let mut at = 0;
+    for (_, g) in grads.iter_mut() {
+        let n = g.len();
+        g.copy_from_slice(&flat[at..at + n]);
+        at += n;
+    }
+    let mut l = [loss_sum];
+    dist::sum_f64(&mut l);
+    l[0]
 }
 
 fn check_output(run: &TrainRun) -> Result<()> {
