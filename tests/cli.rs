@@ -382,3 +382,44 @@ fn bench_generate_prints_one_line_per_base() {
         "{err}"
     );
 }
+
+#[test]
+fn export_writes_a_gguf_and_refuses_what_llama_cpp_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.gguf");
+    let (ok, stdout, err) = qdora(&["export", "--out", s(&out), "--type", "q8_0"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("47 tensors"), "{stdout}");
+    let f = qdora::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(
+        f.get("general.architecture"),
+        Some(&qdora::gguf::Value::Str("llama".into()))
+    );
+    assert_eq!(
+        f.get("general.file_type"),
+        Some(&qdora::gguf::Value::U32(7))
+    );
+    // an existing file is kept without --overwrite
+    let (ok, _, err) = qdora(&["export", "--out", s(&out)]);
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    let (ok, _, err) = qdora(&[
+        "export",
+        "--adapter-only",
+        "--out",
+        s(&dir.path().join("a.gguf")),
+    ]);
+    assert!(!ok && err.contains("needs --adapter"), "{err}");
+    let fx = root().join("tests/fixtures");
+    let (ok, _, err) = qdora(&[
+        "export",
+        "--model",
+        s(&fx.join("models/tiny-llama")),
+        "--adapter",
+        s(&fx.join("peft/dora")),
+        "--adapter-only",
+        "--out",
+        s(&dir.path().join("d.gguf")),
+    ]);
+    assert!(!ok && err.contains("magnitude vector"), "{err}");
+    assert!(!dir.path().join("d.gguf").exists());
+}

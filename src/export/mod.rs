@@ -327,6 +327,11 @@ pub fn export_lora(
     ggml_type: ExportType,
     name: &str,
 ) -> Result<ExportSummary> {
+    if !(lora_alpha.is_finite() && lora_alpha > 0.0) {
+        return Err(Error::Unsupported(format!(
+            "lora_alpha {lora_alpha}: llama.cpp scales a LoRA adapter by alpha / r, so alpha must be positive"
+        )));
+    }
     let c = &model.config;
     let permute = names::permutes_rope(c.arch);
     let mut e = Vec::new();

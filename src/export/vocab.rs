@@ -209,7 +209,8 @@ fn is_byte_token(t: &str) -> bool {
     t.len() == 6
         && t.starts_with("<0x")
         && t.ends_with('>')
-        && t[3..5].chars().all(|c| c.is_ascii_hexdigit())
+        && t.get(3..5)
+            .is_some_and(|h| h.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// The merges as pairs, from either format transformers writes (`"a b"` or `["a", "b"]`).

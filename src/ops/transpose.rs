@@ -30,7 +30,7 @@ pub fn available(cols: usize) -> bool {
         target_arch = "x86_64",
         target_feature = "avx2",
         target_feature = "fma"
-    )) && cols % 8 == 0
+    )) && cols.is_multiple_of(8)
         && cols > 0
 }
 

@@ -30,7 +30,7 @@ impl Packed4<'_> {
     /// Whether [`matmul_t_rows`](Self::matmul_t_rows) takes W: every group of eight codes
     /// must start a byte and share one scale (rows a multiple of 8 long, blocks a multiple of 8).
     pub fn rows_route_fits(&self) -> bool {
-        self.cols % 8 == 0 && self.blocksize % 8 == 0 && self.blocksize > 0
+        self.cols.is_multiple_of(8) && self.blocksize.is_multiple_of(8) && self.blocksize > 0
     }
 
     /// `y (m × rows) = x (m × cols) · Wᵀ` by dot products over W's packed rows, in parallel

@@ -269,7 +269,7 @@ impl Packed4<'_> {
             }
             return;
         }
-        let transposed = transpose::available(self.cols) && self.blocksize % 8 == 0;
+        let transposed = transpose::available(self.cols) && self.blocksize.is_multiple_of(8);
         if transposed {
             self.matmul_t2_by_columns(x, m, y, second);
             return;

@@ -222,7 +222,7 @@ impl QuantizedWeight {
         // 0b1000 gives -0.0) when the element count is a multiple of the blocksize, and with the
         // pure-torch `quant_map` lookup (+0.0) otherwise. Both are zero; we match the bits.
         let mut kernel_code = quant_map;
-        let native_path = numel % blocksize == 0;
+        let native_path = numel.is_multiple_of(blocksize);
         if quant_type == QuantType::Fp4 && native_path && kernel_code[8] == 0.0 {
             kernel_code[8] = -0.0;
         }

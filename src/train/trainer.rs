@@ -306,7 +306,31 @@ impl Trainer {
         if !self.run.resume {
             return Ok(());
         }
-        let Some(dir) = checkpoint::latest(&self.run.out) else {
+        let latest = checkpoint::latest(&self.run.out);
+        // Every rank must resume from the same step (rank 0's folder, seen by all).
+        let step = latest
+            .as_deref()
+            .and_then(|d| {
+                d.file_name()?
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0usize);
+        let mut root_step = [if dist::is_root() { step as f64 } else { 0.0 }];
+        dist::sum_f64(&mut root_step);
+        if dist::any(step as f64 != root_step[0]) {
+            return Err(Error::Checkpoint {
+                path: self.run.out.display().to_string(),
+                msg: format!(
+                    "the ranks see different checkpoints (rank {} sees step {step}, rank 0 step {}): --out must be a folder every rank sees",
+                    dist::rank(),
+                    root_step[0]
+                ),
+            });
+        }
+        let Some(dir) = latest else {
             return Ok(());
         };
         let st = checkpoint::load(&dir, &mut self.model, &mut self.opt)?;
@@ -437,7 +461,8 @@ impl Trainer {
         self.done += 1;
         let done = self.done;
         let cfg = &self.run.config;
-        let eval_due = (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == self.total;
+        let eval_due =
+            (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) || done == self.total;
         let eval_loss = if !self.eval_seqs.is_empty() && eval_due {
             Some(self.evaluate()?)
         } else {
@@ -455,8 +480,9 @@ impl Trainer {
             eval_loss,
         };
         let log_due = cfg.log_every > 0
-            && (done % cfg.log_every == 0 || eval_loss.is_some() || done == self.total);
-        let save_due = cfg.save_every > 0 && done % cfg.save_every == 0 && done < self.total;
+            && (done.is_multiple_of(cfg.log_every) || eval_loss.is_some() || done == self.total);
+        let save_due =
+            cfg.save_every > 0 && done.is_multiple_of(cfg.save_every) && done < self.total;
         if let Some(m) = &mut self.metrics {
             m.train_curve.push((done, loss));
             if let Some(e) = eval_loss {
