@@ -52,10 +52,7 @@ pub fn run(a: ExportArgs) -> Result<ExitCode> {
         } else {
             let (mut model, dir) = super::infer::load_model(&a.model, false)?;
             adapters::merge(&mut model);
-            let tok_dir = match a.model.adapter.as_deref() {
-                Some(ad) if ad.join("tokenizer.json").exists() => ad.to_path_buf(),
-                _ => dir.clone(),
-            };
+            let tok_dir = super::infer::tokenizer_dir(&dir, a.model.adapter.as_deref());
             let opts = ExportOptions {
                 ggml_type: a.ggml_type,
                 name,

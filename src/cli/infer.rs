@@ -42,14 +42,18 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
     Ok((model, dir))
 }
 
-fn tokenizer_for(dir: &Path, adapter: Option<&Path>) -> Result<Tokenizer> {
-    if let Some(a) = adapter {
-        if a.join("tokenizer.json").exists() {
-            return Tokenizer::load(a)
-                .with_context(|| format!("loading tokenizer of {}", a.display()));
-        }
+/// Where the tokenizer comes from: the adapter folder when it holds one (qdora writes the
+/// tokenizer beside an adapter), else the model folder.
+pub(super) fn tokenizer_dir(dir: &Path, adapter: Option<&Path>) -> std::path::PathBuf {
+    match adapter {
+        Some(a) if a.join("tokenizer.json").exists() => a.to_path_buf(),
+        _ => dir.to_path_buf(),
     }
-    Tokenizer::load(dir).with_context(|| format!("loading tokenizer of {}", dir.display()))
+}
+
+fn tokenizer_for(dir: &Path, adapter: Option<&Path>) -> Result<Tokenizer> {
+    let d = tokenizer_dir(dir, adapter);
+    Tokenizer::load(&d).with_context(|| format!("loading tokenizer of {}", d.display()))
 }
 
 /// Runs `qdora generate`: streams tokens to stdout.

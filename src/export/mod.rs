@@ -119,7 +119,22 @@ enum Source<'a> {
     Owned(Vec<f32>),
 }
 
-impl Entry<'_> {
+impl<'a> Entry<'a> {
+    /// A tensor written as it is.
+    fn plain(name: String, shape: Vec<usize>, source: Source<'a>) -> Self {
+        Entry {
+            name,
+            shape,
+            source,
+            permute_heads: None,
+        }
+    }
+
+    /// A norm's weight vector.
+    fn norm(name: String, w: &'a [f32]) -> Self {
+        Self::plain(name, vec![w.len()], Source::Slice(w))
+    }
+
     fn values(&self) -> Cow<'_, [f32]> {
         let v: Cow<'_, [f32]> = match &self.source {
             Source::Weight(w) => w.to_f32(),
@@ -212,30 +227,33 @@ pub fn export_model(
 fn model_entries(model: &Llama) -> Result<Vec<Entry<'_>>> {
     let c = &model.config;
     let (d, v) = (c.hidden_size, c.vocab_size);
-    let permute = names::permutes_rope(c.arch);
+    let (plain, norm) = (Entry::plain, Entry::norm);
     let mut e = Vec::new();
     if let Some(f) = names::llama3_rope_factors(c) {
-        e.push(Entry {
-            name: "rope_freqs.weight".into(),
-            shape: vec![f.len()],
-            source: Source::Owned(f),
-            permute_heads: None,
-        });
+        e.push(plain(
+            "rope_freqs.weight".into(),
+            vec![f.len()],
+            Source::Owned(f),
+        ));
     }
-    e.push(Entry {
-        name: "token_embd.weight".into(),
-        shape: vec![v, d],
-        source: Source::Weight(&model.embed_tokens),
-        permute_heads: None,
-    });
+    e.push(plain(
+        "token_embd.weight".into(),
+        vec![v, d],
+        Source::Weight(&model.embed_tokens),
+    ));
     for (i, layer) in model.layers.iter().enumerate() {
         let blk = |s: &str| format!("blk.{i}.{s}");
-        e.push(Entry {
-            name: blk("attn_norm.weight"),
-            shape: vec![d],
-            source: Source::Slice(&layer.input_layernorm.weight),
-            permute_heads: None,
-        });
+        e.push(norm(blk("attn_norm.weight"), &layer.input_layernorm.weight));
+        e.push(norm(
+            blk("ffn_norm.weight"),
+            &layer.post_attention_layernorm.weight,
+        ));
+        if let Some(n) = &layer.self_attn.q_norm {
+            e.push(norm(blk("attn_q_norm.weight"), &n.weight));
+        }
+        if let Some(n) = &layer.self_attn.k_norm {
+            e.push(norm(blk("attn_k_norm.weight"), &n.weight));
+        }
         for proj in Proj::ALL {
             let l = layer.linear(proj);
             if l.adapter.is_some() {
@@ -244,11 +262,7 @@ fn model_entries(model: &Llama) -> Result<Vec<Entry<'_>>> {
                     proj.path(i)
                 )));
             }
-            let heads = match proj {
-                Proj::QProj if permute => Some(c.num_attention_heads),
-                Proj::KProj if permute => Some(c.num_key_value_heads),
-                _ => None,
-            };
+            let heads = names::rope_permute_heads(c, proj);
             let base = names::tensor_base(proj);
             e.push(Entry {
                 name: blk(&format!("{base}.weight")),
@@ -264,49 +278,11 @@ fn model_entries(model: &Llama) -> Result<Vec<Entry<'_>>> {
                     permute_heads: heads,
                 });
             }
-            if proj == Proj::QProj {
-                if let Some(n) = &layer.self_attn.q_norm {
-                    e.push(Entry {
-                        name: blk("attn_q_norm.weight"),
-                        shape: vec![n.weight.len()],
-                        source: Source::Slice(&n.weight),
-                        permute_heads: None,
-                    });
-                }
-            }
-            if proj == Proj::KProj {
-                if let Some(n) = &layer.self_attn.k_norm {
-                    e.push(Entry {
-                        name: blk("attn_k_norm.weight"),
-                        shape: vec![n.weight.len()],
-                        source: Source::Slice(&n.weight),
-                        permute_heads: None,
-                    });
-                }
-            }
-            if proj == Proj::OProj {
-                e.push(Entry {
-                    name: blk("ffn_norm.weight"),
-                    shape: vec![d],
-                    source: Source::Slice(&layer.post_attention_layernorm.weight),
-                    permute_heads: None,
-                });
-            }
         }
     }
-    e.push(Entry {
-        name: "output_norm.weight".into(),
-        shape: vec![d],
-        source: Source::Slice(&model.norm.weight),
-        permute_heads: None,
-    });
+    e.push(norm("output_norm.weight".into(), &model.norm.weight));
     if let Some(h) = &model.lm_head {
-        e.push(Entry {
-            name: "output.weight".into(),
-            shape: vec![v, d],
-            source: Source::Weight(h),
-            permute_heads: None,
-        });
+        e.push(plain("output.weight".into(), vec![v, d], Source::Weight(h)));
     }
     Ok(e)
 }
@@ -333,7 +309,6 @@ pub fn export_lora(
         )));
     }
     let c = &model.config;
-    let permute = names::permutes_rope(c.arch);
     let mut e = Vec::new();
     for (i, layer) in model.layers.iter().enumerate() {
         for proj in Proj::ALL {
@@ -348,11 +323,7 @@ pub fn export_lora(
                 )));
             }
             let r = a.r();
-            let heads = match proj {
-                Proj::QProj if permute => Some(c.num_attention_heads),
-                Proj::KProj if permute => Some(c.num_key_value_heads),
-                _ => None,
-            };
+            let heads = names::rope_permute_heads(c, proj);
             let base = format!("blk.{i}.{}.weight", names::tensor_base(proj));
             let fold = a.scaling() * r as f32 / lora_alpha;
             let b = if (fold - 1.0).abs() > 1e-6 {

@@ -15,11 +15,15 @@ pub(super) fn arch_name(a: Arch) -> &'static str {
     }
 }
 
-/// Whether llama.cpp's RoPE for this architecture is the interleaved (GPT-J) form, for which its
-/// converter permutes q and k rows out of Hugging Face's rotate-half order. Qwen runs NeoX RoPE,
-/// Hugging Face's own order.
-pub(super) fn permutes_rope(a: Arch) -> bool {
-    matches!(a, Arch::Llama | Arch::Mistral)
+/// The head count by which a projection's rows are permuted for llama.cpp, if they are: its RoPE
+/// for `llama` is the interleaved (GPT-J) form, so its converter permutes q and k rows out of
+/// Hugging Face's rotate-half order. Qwen runs NeoX RoPE, Hugging Face's own order.
+pub(super) fn rope_permute_heads(c: &LlamaConfig, p: Proj) -> Option<usize> {
+    match (c.arch, p) {
+        (Arch::Llama | Arch::Mistral, Proj::QProj) => Some(c.num_attention_heads),
+        (Arch::Llama | Arch::Mistral, Proj::KProj) => Some(c.num_key_value_heads),
+        _ => None,
+    }
 }
 
 /// The tensor name of a linear inside `blk.N.`.

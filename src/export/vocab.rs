@@ -17,6 +17,7 @@ use serde_json::Value as Json;
 
 use super::{Error, Result};
 use crate::gguf::Value;
+use crate::model::tokenizer::token_text;
 
 const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
@@ -50,15 +51,6 @@ fn read_json(path: &Path) -> Result<Option<Json>> {
             path: path.display().to_string(),
             msg: format!("invalid JSON: {e}"),
         })
-}
-
-/// The text of a special token entry (`"<s>"` or `{"content": "<s>", ...}`).
-fn token_text(v: Option<&Json>) -> Option<&str> {
-    match v? {
-        Json::String(s) => Some(s),
-        Json::Object(o) => o.get("content")?.as_str(),
-        _ => None,
-    }
 }
 
 /// The tokenizer metadata of the tokenizer folder `dir` (with the model's `config.json` as

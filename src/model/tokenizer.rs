@@ -33,10 +33,12 @@ pub struct Message {
     pub content: String,
 }
 
-fn token_text(v: Option<&Value>) -> Option<String> {
+/// The text of a special token entry of `tokenizer_config.json` (`"<s>"` or
+/// `{"content": "<s>", ...}`).
+pub fn token_text(v: Option<&Value>) -> Option<&str> {
     match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("content")?.as_str(),
         _ => None,
     }
 }
@@ -73,8 +75,8 @@ impl Tokenizer {
         } else {
             Value::Null
         };
-        let bos_token = token_text(cfg.get("bos_token"));
-        let eos_token = token_text(cfg.get("eos_token"));
+        let bos_token = token_text(cfg.get("bos_token")).map(String::from);
+        let eos_token = token_text(cfg.get("eos_token")).map(String::from);
         let chat_template = match cfg.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             _ => {

@@ -469,7 +469,7 @@ impl Trainer {
             None
         };
         let cfg = &self.run.config;
-        let tokens_per_step = (cfg.batch_size * cfg.grad_accum * cfg.seq_len * dist::size()) as f64;
+        let tokens_per_step = tokens_per_step(cfg);
         let report = StepReport {
             step: done,
             total: self.total,
@@ -564,7 +564,7 @@ impl Trainer {
         let (trainable_params, total_params) = self.model.parameter_counts();
         drop(self.model);
         let cfg = &self.run.config;
-        let tokens_per_step = (cfg.batch_size * cfg.grad_accum * cfg.seq_len * dist::size()) as f64;
+        let tokens_per_step = tokens_per_step(cfg);
         let mut sorted = self.step_times.clone();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
@@ -725,6 +725,11 @@ fn sum_across_ranks(grads: &mut Grads, loss_sum: f64) -> f64 {
     let mut l = [loss_sum];
     dist::sum_f64(&mut l);
     l[0]
+}
+
+/// Token positions in one optimizer step, all ranks' micro-batches.
+fn tokens_per_step(cfg: &TrainConfig) -> f64 {
+    (cfg.batch_size * cfg.grad_accum * cfg.seq_len * dist::size()) as f64
 }
 
 fn check_output(run: &TrainRun) -> Result<()> {
