@@ -12,6 +12,7 @@ use crate::adapter::{
 };
 use crate::model::layers::Linear;
 use crate::model::{random, Llama};
+use crate::ops::bf16::ComputeDtype;
 use crate::ops::{self, Rng};
 use crate::quant::{Dtype, QuantizeOptions, QuantizedWeight};
 use crate::train::optim::{AdamW, AdamWOptions};
@@ -53,8 +54,70 @@ pub struct QuantLine {
     pub vs_dense: Option<f64>,
 }
 
+/// The f32 and bf16 products side by side: `size³` and the training shapes of
+/// `llama-small-1024` (1024 tokens through its q/o, gate/up and down projections), f32 through
+/// gemm and bf16 on every kernel set this CPU has, each with its ratio to the f32 product.
+fn gemm_lines(quick: bool) -> Vec<QuantLine> {
+    use crate::ops::bf16::{gemm_gflops, Bf16Kernel};
+    let shapes: Vec<(usize, usize, usize)> = if quick {
+        vec![(512, 512, 512), (256, 704, 256)]
+    } else {
+        vec![
+            (2048, 2048, 2048),
+            (1024, 1024, 1024),
+            (1024, 2816, 1024),
+            (1024, 1024, 2816),
+        ]
+    };
+    let mut out = Vec::new();
+    for (m, n, k) in shapes {
+        let shape = format!("{m}x{k}·{k}x{n}");
+        let flops = 2.0 * (m * n * k) as f64;
+        let f32_gflops = f32_gemm_gflops((m, n, k), 3);
+        out.push(QuantLine {
+            op: "gemm f32".into(),
+            shape: shape.clone(),
+            seconds: flops / f32_gflops / 1e9,
+            gb_per_s: None,
+            gflops: Some(f32_gflops),
+            vs_dense: None,
+        });
+        for kernel in Bf16Kernel::ALL.into_iter().filter(|k| k.available()) {
+            let g = gemm_gflops(kernel, (m, n, k), 3);
+            out.push(QuantLine {
+                op: format!("gemm bf16 {}", kernel.name()),
+                shape: shape.clone(),
+                seconds: flops / g / 1e9,
+                gb_per_s: None,
+                gflops: Some(g),
+                vs_dense: Some(g / f32_gflops),
+            });
+        }
+    }
+    out
+}
+
+/// GFLOP/s of an f32 `(m×k)·(k×n)` product through gemm, best of `reps`.
+fn f32_gemm_gflops((m, n, k): (usize, usize, usize), reps: usize) -> f64 {
+    use crate::ops::{gemm, Accum, MatMut, MatRef, Par};
+    let (a, b) = (data(m * k, 5), data(k * n, 6));
+    let mut c = vec![0f32; m * n];
+    let t = best_of(reps, || {
+        gemm(
+            MatMut::new(&mut c, m, n),
+            Accum::Write,
+            MatRef::new(&a, m, k),
+            MatRef::new(&b, k, n),
+            1.0,
+            Par::All,
+        )
+    });
+    2.0 * (m * n * k) as f64 / t / 1e9
+}
+
 /// Quantization kernels: quantize / dequantize throughput and the fused 4-bit matmuls next to
-/// dense f32 matmuls of the same shapes ([M×4096]·[N×4096]ᵀ, N = 4096 and 11008, M = 512).
+/// dense f32 matmuls of the same shapes ([M×4096]·[N×4096]ᵀ, N = 4096 and 11008, M = 512),
+/// after the f32 and bf16 products side by side ([`gemm_lines`]).
 pub fn quant(quick: bool) -> Vec<QuantLine> {
     let (m, k) = if quick { (128, 1024) } else { (512, 4096) };
     let ns: Vec<usize> = if quick {
@@ -62,7 +125,7 @@ pub fn quant(quick: bool) -> Vec<QuantLine> {
     } else {
         vec![4096, 11008]
     };
-    let mut out = Vec::new();
+    let mut out = gemm_lines(quick);
     let w = data(k * k, 1);
     let bytes = (k * k * 4) as f64;
     let opts = QuantizeOptions::default();
@@ -247,8 +310,9 @@ pub struct TrainLine {
     pub tokens_per_s: f64,
     /// Model FLOPs per second (4NT or 6NT, plus attention; recomputation not counted).
     pub gflops: f64,
-    /// f32 matmul GFLOP/s (2048³) in this process: the higher of the readings just before and
-    /// just after the timed steps, so that a slow moment of a shared machine during one reading
+    /// Matmul GFLOP/s (2048³) in this process, in the run's compute dtype (f32 gemm, or the
+    /// bf16 kernel set the products take): the higher of the readings just before and just
+    /// after the timed steps, so that a slow moment of a shared machine during one reading
     /// does not inflate the MFU.
     pub ceiling_gflops: f64,
     /// The two readings `[before, after]` behind `ceiling_gflops`.
@@ -266,6 +330,10 @@ pub struct TrainLine {
     /// DoRA's dropout placement (DoRA modes only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dora_dropout: Option<&'static str>,
+    /// What the frozen weights' products computed in (`f32`, `bf16`).
+    pub compute_dtype: &'static str,
+    /// The kernels they took.
+    pub kernels: String,
     /// Mean loss of the last step (sanity).
     pub loss: f64,
 }
@@ -289,6 +357,8 @@ pub struct TrainBenchOptions {
     pub lora_dropout: f64,
     /// DoRA dropout placement.
     pub dora_dropout: DoraDropout,
+    /// Compute dtype of the frozen weights.
+    pub compute_dtype: ComputeDtype,
 }
 
 /// Real training steps (the `qdora train` code path) on synthetic token ids.
@@ -304,9 +374,18 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         seq_len: o.seq_len,
         gradient_checkpointing: Some(o.gradient_checkpointing),
         lr: 1e-4,
+        compute_dtype: o.compute_dtype,
         ..Default::default()
     };
-    let ceiling_before = ops::matmul_ceiling_gflops(2048, 3);
+    let ceiling_gflops = || {
+        if cfg.compute_dtype.is_bf16() && o.mode != Mode::Full {
+            let k = ops::bf16::Bf16Kernel::selected();
+            ops::bf16::gemm_gflops(k, (2048, 2048, 2048), 3)
+        } else {
+            ops::matmul_ceiling_gflops(2048, 3)
+        }
+    };
+    let ceiling_before = ceiling_gflops();
     let mut model: Llama = match random::preset(&o.source) {
         Some(c) => {
             let q = o.mode.quantized().then(|| cfg.quantize_options());
@@ -345,8 +424,9 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         }
     }
     let peak_rss_mib = crate::sys::peak_rss_mib();
-    let ceiling_after = ops::matmul_ceiling_gflops(2048, 3);
+    let ceiling_after = ceiling_gflops();
     let ceiling = ceiling_before.max(ceiling_after);
+    let compute = model.compute_dtype();
     times.sort_by(|a, b| a.total_cmp(b));
     let step_s = times[times.len() / 2];
     let per_token = if o.mode == Mode::Full { 6.0 } else { 4.0 };
@@ -375,6 +455,8 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
         batch: format!("{}x{}", o.batch_size, o.seq_len),
         lora_dropout: o.lora_dropout,
         dora_dropout: o.mode.dora().then(|| o.dora_dropout.as_str()),
+        compute_dtype: compute.name(),
+        kernels: compute.kernels(),
         loss,
     })
 }
@@ -384,8 +466,10 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
 pub struct GenerateLine {
     /// Model (preset or folder).
     pub model: String,
-    /// f32 or nf4 base.
+    /// f32 or nf4 base (as stored or loaded).
     pub weights: String,
+    /// What the products computed in (`f32`, `bf16`: a dense base then held in bf16).
+    pub compute_dtype: &'static str,
     /// Prompt tokens processed in one forward.
     pub prefill_tokens: usize,
     /// Prefill tokens per second.
@@ -412,6 +496,7 @@ pub fn generate(
     prefill: usize,
     decode: usize,
     nf4: &[bool],
+    compute: ComputeDtype,
 ) -> crate::model::Result<Vec<GenerateLine>> {
     let mut out = Vec::new();
     for &nf4 in nf4 {
@@ -429,6 +514,7 @@ pub fn generate(
                 )?
             }
         };
+        model.set_compute_dtype(compute.resolve());
         let v = model.config.vocab_size as u64;
         let n = prefill
             .min(
@@ -454,6 +540,7 @@ pub fn generate(
         out.push(GenerateLine {
             model: source.to_string(),
             weights: if nf4 { "nf4".into() } else { "f32".into() },
+            compute_dtype: model.compute_dtype().name(),
             prefill_tokens: n,
             prefill_tokens_per_s: n as f64 / prefill_s,
             decode_tokens: decode,

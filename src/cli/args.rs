@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::adapter::DoraDropout;
 use crate::export::ExportType;
+use crate::ops::bf16::ComputeDtype;
 use crate::quant::{Dtype, QuantType};
 use crate::train::{Mode, TrainOverrides};
 
@@ -119,6 +120,10 @@ pub struct GenerateArgs {
     /// Model and adapter.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// What the frozen weights' products compute in: f32, bf16 or auto (bf16 where the CPU
+    /// has AVX512_BF16); default: as the adapter was trained (its train_config.toml), else f32.
+    #[arg(long, value_enum)]
+    pub compute_dtype: Option<ComputeDtype>,
     /// Prompt text.
     #[arg(long, default_value = "Once upon a time")]
     pub prompt: String,
@@ -148,6 +153,10 @@ pub struct EvalArgs {
     /// Model and adapter.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// What the frozen weights' products compute in: f32, bf16 or auto (bf16 where the CPU
+    /// has AVX512_BF16); default: as the adapter was trained (its train_config.toml), else f32.
+    #[arg(long, value_enum)]
+    pub compute_dtype: Option<ComputeDtype>,
     /// Data file (.txt, .jsonl, .json).
     #[arg(long)]
     pub data: PathBuf,
@@ -168,6 +177,10 @@ pub struct LogitsArgs {
     /// Model and adapter.
     #[command(flatten)]
     pub model: ModelArgs,
+    /// What the frozen weights' products compute in: f32, bf16 or auto (bf16 where the CPU
+    /// has AVX512_BF16); default: as the adapter was trained (its train_config.toml), else f32.
+    #[arg(long, value_enum)]
+    pub compute_dtype: Option<ComputeDtype>,
     /// safetensors with `input_ids` (i64 [batch, seq]) and optional `labels`.
     #[arg(long)]
     pub input: PathBuf,
@@ -322,6 +335,9 @@ pub struct BenchArgs {
     /// llama2-7b preset fits in memory only as nf4).
     #[arg(long, value_enum, default_value_t = BenchWeights::Both)]
     pub weights: BenchWeights,
+    /// What the frozen weights' products compute in (train, generate): f32, bf16 or auto.
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub compute_dtype: ComputeDtype,
 }
 
 /// `qdora compare`.

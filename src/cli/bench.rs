@@ -43,6 +43,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 gradient_checkpointing: a.gradient_checkpointing,
                 lora_dropout: a.lora_dropout,
                 dora_dropout: a.dora_dropout,
+                compute_dtype: a.compute_dtype,
             })?;
             println!("{}", serde_json::to_string(&line)?);
         }
@@ -52,7 +53,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 BenchWeights::F32 => &[false],
                 BenchWeights::Nf4 => &[true],
             };
-            for l in bench::generate(&source(&a)?, a.seq_len, 64, nf4)? {
+            for l in bench::generate(&source(&a)?, a.seq_len, 64, nf4, a.compute_dtype)? {
                 println!("{}", serde_json::to_string(&l)?);
             }
         }

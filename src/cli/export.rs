@@ -8,6 +8,7 @@ use super::args::ExportArgs;
 use crate::adapter::{Bias, LoraConfig};
 use crate::export::{export_lora, export_model, ExportOptions};
 use crate::model::adapters;
+use crate::ops::bf16::ComputeDtype;
 
 /// Runs `qdora export`.
 pub fn run(a: ExportArgs) -> Result<ExitCode> {
@@ -46,11 +47,12 @@ pub fn run(a: ExportArgs) -> Result<ExitCode> {
                 if cfg.bias != Bias::None { "biases" } else { "whole modules" }
             );
             }
-            let (model, _) = super::infer::load_model(&a.model, false)?;
+            let (model, _) = super::infer::load_model(&a.model, false, Some(ComputeDtype::F32))?;
             export_lora(&model, cfg.lora_alpha as f32, &a.out, a.ggml_type, &name)
                 .with_context(|| format!("exporting the adapter {}", ad.display()))?
         } else {
-            let (mut model, dir) = super::infer::load_model(&a.model, false)?;
+            let (mut model, dir) =
+                super::infer::load_model(&a.model, false, Some(ComputeDtype::F32))?;
             adapters::merge(&mut model);
             let tok_dir = super::infer::tokenizer_dir(&dir, a.model.adapter.as_deref());
             let opts = ExportOptions {

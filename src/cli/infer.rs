@@ -12,14 +12,22 @@ use crate::io::{Checkpoint, OwnedTensor};
 use crate::model::generate::{generate as gen, GenerateOptions};
 use crate::model::tokenizer::{GenerationConfig, Message, Tokenizer};
 use crate::model::{adapters, load, BaseStorage, Llama, LoadOptions};
+use crate::ops::bf16::ComputeDtype;
 use crate::train::data::{self, DataOptions};
 use crate::train::TrainConfig;
 
 /// Loads the model, and the adapter if given. An adapter trained by qdora in a 4-bit mode gets
-/// the base quantized exactly as during training (read from its `train_config.toml`).
-pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::path::PathBuf)> {
+/// the base quantized exactly as during training (read from its `train_config.toml`). The
+/// frozen weights compute in `compute`; `None` takes the training run's compute dtype (f32
+/// without one). Merging and exporting pass f32, so their files do not depend on it.
+pub(super) fn load_model(
+    m: &ModelArgs,
+    force_nf4: bool,
+    compute: Option<ComputeDtype>,
+) -> Result<(Llama, std::path::PathBuf)> {
     let dir = super::model_dir(m.model.clone())?;
     let mut storage = BaseStorage::AsStored;
+    let mut trained_compute = ComputeDtype::F32;
     if let Some(ad) = &m.adapter {
         let tc = ad.join("train_config.toml");
         if let Ok(text) = std::fs::read_to_string(&tc) {
@@ -28,6 +36,7 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
             if cfg.mode.quantized() {
                 storage = BaseStorage::Quantize(cfg.quantize_options());
             }
+            trained_compute = cfg.compute_dtype;
         }
     }
     if force_nf4 {
@@ -35,6 +44,11 @@ pub(super) fn load_model(m: &ModelArgs, force_nf4: bool) -> Result<(Llama, std::
     }
     let mut model = load(&dir, &LoadOptions { storage })
         .with_context(|| format!("loading model {}", dir.display()))?;
+    let compute = compute.unwrap_or(trained_compute).resolve();
+    model.set_compute_dtype(compute);
+    if compute.is_bf16() {
+        tracing::info!(kernels = %compute.kernels(), "bf16 compute");
+    }
     if let Some(ad) = &m.adapter {
         adapters::load_adapter(&mut model, ad)
             .with_context(|| format!("loading adapter {}", ad.display()))?;
@@ -58,7 +72,7 @@ fn tokenizer_for(dir: &Path, adapter: Option<&Path>) -> Result<Tokenizer> {
 
 /// Runs `qdora generate`: streams tokens to stdout.
 pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
-    let (mut model, dir) = load_model(&a.model, false)?;
+    let (mut model, dir) = load_model(&a.model, false, a.compute_dtype)?;
     let tok = tokenizer_for(&dir, a.model.adapter.as_deref())?;
     let gcfg = GenerationConfig::load(&dir);
     let text = if a.chat {
@@ -110,7 +124,7 @@ pub fn generate(a: GenerateArgs) -> Result<ExitCode> {
 
 /// Runs `qdora eval`.
 pub fn eval(a: EvalArgs) -> Result<ExitCode> {
-    let (mut model, dir) = load_model(&a.model, a.nf4)?;
+    let (mut model, dir) = load_model(&a.model, a.nf4, a.compute_dtype)?;
     let tok = Tokenizer::load(&dir).ok();
     let ds = data::load(
         &a.data,
@@ -131,7 +145,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     let loss = sum / count.max(1) as f64;
     println!(
-        "{} sequences, {count} tokens: loss {loss:.4}, perplexity {:.3}",
+        "{} sequences, {count} tokens: loss {loss:.6}, perplexity {:.3}",
         ds.sequences.len(),
         loss.exp()
     );
@@ -140,7 +154,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
 
 /// Runs `qdora logits`.
 pub fn logits(a: LogitsArgs) -> Result<ExitCode> {
-    let (mut model, _) = load_model(&a.model, false)?;
+    let (mut model, _) = load_model(&a.model, false, a.compute_dtype)?;
     let input =
         Checkpoint::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let t = input.get("input_ids")?;

@@ -121,6 +121,7 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
             adapter: Some(a.adapter.clone()),
         },
         false,
+        Some(crate::ops::bf16::ComputeDtype::F32),
     )?;
     let original_quant = model
         .layers

@@ -200,6 +200,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
                 model: Some(if is_full { a.out.clone() } else { model_dir }),
                 adapter: (!is_full).then(|| a.out.clone()),
             },
+            compute_dtype: Some(run.config.compute_dtype),
             prompt: prompt.clone(),
             chat: false,
             max_new_tokens: a.sample_tokens,

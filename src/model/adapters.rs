@@ -11,6 +11,7 @@ use crate::adapter::peft_io::{self, AdapterFile};
 use crate::adapter::{
     AdapterKind, AdapterOptions, BaseWeight, Bias, DoraDropout, LoraAdapter, LoraConfig,
 };
+use crate::ops::bf16::ComputeDtype;
 use crate::ops::Rng;
 
 /// PEFT's default `target_modules` for llama / mistral / qwen2 / qwen3.
@@ -139,6 +140,16 @@ fn wire(model: &mut Llama, cfg: &LoraConfig, make: &mut MakeAdapter<'_>) -> Resu
             model.train_lm_head = true;
         } else {
             model.lm_head = Some(model.embed_tokens.clone());
+        }
+    }
+    // A module that trains computes in f32 (a bf16-compute model stored it in bf16: widened
+    // exactly, so it starts from the values the frozen model used).
+    if model.train_embed_tokens {
+        model.embed_tokens.set_compute_dtype(ComputeDtype::F32);
+    }
+    if model.train_lm_head {
+        if let Some(h) = model.lm_head.as_mut() {
+            h.set_compute_dtype(ComputeDtype::F32);
         }
     }
     Ok(n)

@@ -10,6 +10,7 @@ use super::layers::{Block, BlockGrads, BlockSaved, Keep, KvCache, LinearGrads, R
 use super::loss::{self, HeadLoss};
 use super::params::{ParamId, Proj};
 use crate::adapter::BaseWeight;
+use crate::ops::bf16::ComputeDtype;
 use crate::ops::Rng;
 
 /// A Llama-family causal language model.
@@ -118,6 +119,45 @@ impl Llama {
         }
     }
 
+    /// Makes every frozen weight compute in `c` (resolved; see
+    /// [`BaseWeight::set_compute_dtype`]): the blocks' linears that do not train, and the
+    /// embedding and head unless they train. Trained weights stay f32 (full fine-tuning keeps
+    /// f32 compute). Call it before attaching or loading adapters, so that DoRA's magnitude and
+    /// its cached `‖W‖²` come from the values the products use.
+    pub fn set_compute_dtype(&mut self, c: ComputeDtype) {
+        for layer in &mut self.layers {
+            for p in Proj::ALL {
+                let l = layer.linear_mut(p);
+                if !l.train_weight {
+                    l.weight.set_compute_dtype(c);
+                }
+            }
+        }
+        let tied = self.lm_head.is_none();
+        let head_trains = self.train_lm_head && !tied;
+        if !(self.train_embed_tokens || tied && self.train_lm_head) {
+            self.embed_tokens.set_compute_dtype(c);
+        }
+        if let Some(h) = self.lm_head.as_mut().filter(|_| !head_trains) {
+            h.set_compute_dtype(c);
+        }
+    }
+
+    /// What the model's frozen products compute in: bf16 when any frozen weight does.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        let bf16 = self
+            .layers
+            .iter()
+            .flat_map(|l| Proj::ALL.map(|p| l.linear(p).weight.compute_dtype()))
+            .chain(std::iter::once(self.head().compute_dtype()))
+            .any(|c| c.is_bf16());
+        if bf16 {
+            ComputeDtype::Bf16
+        } else {
+            ComputeDtype::F32
+        }
+    }
+
     /// The head weight: `lm_head`, or the embedding when tied.
     pub fn head(&self) -> &BaseWeight {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
@@ -159,13 +199,10 @@ impl Llama {
 
     fn embed(&self, ids: &[u32]) -> Vec<f32> {
         let d = self.config.hidden_size;
-        let w = match &self.embed_tokens {
-            BaseWeight::Dense { w, .. } => w,
-            BaseWeight::Quant(_) => unreachable!("embeddings are never quantized"),
-        };
         let mut x = Vec::with_capacity(ids.len() * d);
         for &t in ids {
-            x.extend_from_slice(&w[t as usize * d..(t as usize + 1) * d]);
+            let t = t as usize;
+            x.extend_from_slice(&self.embed_tokens.dense_rows(t, t + 1));
         }
         x
     }
@@ -445,7 +482,7 @@ impl Llama {
         fn dense(w: &BaseWeight) -> Option<&[f32]> {
             match w {
                 BaseWeight::Dense { w, .. } => Some(w),
-                BaseWeight::Quant(_) => None,
+                BaseWeight::DenseBf16 { .. } | BaseWeight::Quant(_) => None,
             }
         }
         let t = match id {
@@ -485,7 +522,7 @@ impl Llama {
         fn dense(w: &mut BaseWeight) -> Option<&mut [f32]> {
             match w {
                 BaseWeight::Dense { w, .. } => Some(w),
-                BaseWeight::Quant(_) => None,
+                BaseWeight::DenseBf16 { .. } | BaseWeight::Quant(_) => None,
             }
         }
         let t = match id {

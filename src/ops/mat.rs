@@ -37,7 +37,7 @@ pub fn threads() -> usize {
 }
 
 /// Whether `len` elements cover a `rows × cols` block with strides `rs`, `cs`.
-fn covers(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+pub(super) fn covers(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
     rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
 }
 
@@ -119,6 +119,15 @@ impl<'a> MatRef<'a> {
     /// Columns.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Element `(i, j)`.
+    ///
+    /// # Panics
+    /// If `(i, j)` is outside the view's slice.
+    #[inline(always)]
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
     }
 }
 
@@ -224,6 +233,27 @@ impl<'a> MatMut<'a> {
     /// Columns.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Whether the block holds written floats (products may add to it).
+    pub fn is_init(&self) -> bool {
+        self.init
+    }
+
+    /// The first element and the row stride, for kernels that write the block themselves.
+    pub(crate) fn raw(&mut self) -> (*mut f32, usize) {
+        (self.ptr, self.rs)
+    }
+
+    /// Overwrites the whole block with zeros (and marks it written).
+    pub fn fill_zero(&mut self) {
+        for i in 0..self.rows {
+            for j in 0..self.cols {
+                // SAFETY: (i, j) lies in the block the view covers (checked when it was made).
+                unsafe { self.ptr.add(i * self.rs + j).write(0.0) };
+            }
+        }
+        self.init = true;
     }
 
     /// This block, reborrowed (for several products into one view).

@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod bands;
+pub mod bf16;
 pub mod lanes;
 pub mod lowrank;
 pub mod mask;

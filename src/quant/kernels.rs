@@ -299,7 +299,7 @@ impl Packed4<'_> {
 
     /// Panics unless the codes and scales cover all `rows × cols` elements (the kernels that
     /// index them directly check this once, up front).
-    pub(super) fn assert_covers_matrix(&self) {
+    pub(crate) fn assert_covers_matrix(&self) {
         let n = self.rows * self.cols;
         assert!(self.packed.len() * 2 >= n, "packed data too short");
         assert!(self.absmax.len() * self.blocksize >= n, "absmax too short");

@@ -11,6 +11,7 @@ pub mod codebook;
 pub mod error;
 pub mod gemv;
 pub mod kernels;
+pub mod pairs;
 mod weight;
 
 pub use blockwise::{Absmax, QuantType};

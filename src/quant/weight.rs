@@ -4,7 +4,10 @@
 use super::blockwise::{self, check_blocksize, Absmax, QuantType, NESTED_BLOCKSIZE};
 use super::error::{Error, Result};
 use super::kernels::{self, Packed4};
+use super::pairs::Nf4Pairs;
 use crate::ops;
+use crate::ops::bf16::{gemm_bf16, ComputeDtype};
+use crate::ops::{Accum, MatRef, Par};
 
 /// A floating-point storage type: what a weight had before quantization (`quant_state.dtype`,
 /// which dequantization rounds to), or what a written checkpoint stores.
@@ -108,6 +111,8 @@ pub struct QuantizedWeight {
     /// The code table the kernels use: `quant_map`, except that FP4 code 0b1000 is -0.0 where
     /// bitsandbytes' native sign-bit dequantization would run (the stored map has +0.0 there).
     kernel_code: [f32; 16],
+    /// What the products compute in (bitsandbytes' `Linear4bit.compute_dtype`).
+    compute: ComputeDtype,
 }
 
 /// The stored pieces, read-only: a weight's parts never change after the checks of
@@ -238,6 +243,7 @@ impl QuantizedWeight {
             },
             absmax_f32,
             kernel_code,
+            compute: ComputeDtype::F32,
         })
     }
 
@@ -320,7 +326,8 @@ impl QuantizedWeight {
         out
     }
 
-    fn view(&self) -> Packed4<'_> {
+    /// The codes, scales and codebook as the 4-bit kernels read them.
+    pub(super) fn view(&self) -> Packed4<'_> {
         Packed4 {
             packed: &self.packed,
             absmax: &self.absmax_f32,
@@ -331,21 +338,77 @@ impl QuantizedWeight {
         }
     }
 
+    /// What the products compute in.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute
+    }
+
+    /// Sets what the products compute in (`auto` is resolved here).
+    pub fn set_compute_dtype(&mut self, c: ComputeDtype) {
+        self.compute = c.resolve();
+    }
+
+    /// Whether a product of `m` rows takes the bf16 route: bf16 compute, and more rows than
+    /// the decoding route reads (a few rows dot the packed codes in f32 directly; packing bf16
+    /// panels for them would cost more than the product).
+    fn bf16_route(&self, m: usize) -> bool {
+        self.compute == ComputeDtype::Bf16 && m > super::gemv::MAX_ROWS
+    }
+
     /// `y = x · Wᵀ (m × out)` for `x` of `m × in`, tiled (the dequantized matrix never exists
-    /// whole), in a new vector that is not zeroed first ([`ops::filled`]).
+    /// whole), in a new vector that is not zeroed first ([`ops::filled`]); in bf16 when the
+    /// weight computes in bf16.
     ///
     /// # Panics
     /// If `x.len()` does not match `m`.
     pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        if self.bf16_route(m) {
+            return self.matmul_t_bf16(x, m);
+        }
+        self.matmul_t_f32(x, m)
+    }
+
+    /// [`matmul_t`](Self::matmul_t) in f32 whatever the compute dtype (DoRA's weight norm).
+    pub fn matmul_t_f32(&self, x: &[f32], m: usize) -> Vec<f32> {
         // SAFETY: the product writes every element of its output.
         unsafe { ops::uninit::filled(m * self.rows(), |y| self.view().matmul_t(x, m, y)) }
     }
 
-    /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles.
+    /// `y = x · Wᵀ` with bf16 operands: the codes decoded straight into bf16 panels.
+    fn matmul_t_bf16(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.cols(), "x shape");
+        let w = Nf4Pairs::new(self.view(), self.dtype, true);
+        let x = MatRef::new(x, m, self.cols());
+        // SAFETY: the product overwrites the whole m × rows output.
+        unsafe {
+            ops::uninit::new_matrix(m, self.rows(), |y| {
+                gemm_bf16(y, Accum::Write, &x.t(), &w, 1.0, Par::All)
+            })
+        }
+    }
+
+    /// `dx = dy · W` with bf16 operands.
+    fn matmul_bf16(&self, dy: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(dy.len(), m * self.rows(), "dy shape");
+        let w = Nf4Pairs::new(self.view(), self.dtype, false);
+        let dy = MatRef::new(dy, m, self.rows());
+        // SAFETY: the product overwrites the whole m × cols output.
+        unsafe {
+            ops::uninit::new_matrix(m, self.cols(), |dx| {
+                gemm_bf16(dx, Accum::Write, &dy.t(), &w, 1.0, Par::All)
+            })
+        }
+    }
+
+    /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles
+    /// (in f32; each on its own route otherwise).
     ///
     /// # Panics
     /// If the lengths do not match `m` and `m2`.
     pub fn matmul_t2(&self, x: &[f32], m: usize, x2: &[f32], m2: usize) -> (Vec<f32>, Vec<f32>) {
+        if self.bf16_route(m) || self.bf16_route(m2) {
+            return (self.matmul_t(x, m), self.matmul_t(x2, m2));
+        }
         let rows = self.rows();
         // SAFETY: the product writes every element of both outputs.
         unsafe {
@@ -360,6 +423,9 @@ impl QuantizedWeight {
     /// # Panics
     /// If `dy.len()` does not match `m`.
     pub fn matmul(&self, dy: &[f32], m: usize) -> Vec<f32> {
+        if self.compute == ComputeDtype::Bf16 {
+            return self.matmul_bf16(dy, m);
+        }
         // SAFETY: the product writes every element of its output.
         unsafe { ops::uninit::filled(m * self.cols(), |dx| self.view().matmul(dy, m, dx, None)) }
     }
@@ -369,6 +435,9 @@ impl QuantizedWeight {
     /// # Panics
     /// If a length does not match `m`.
     pub fn matmul2(&self, dy: &[f32], dy2: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
+        if self.compute == ComputeDtype::Bf16 {
+            return (self.matmul_bf16(dy, m), self.matmul_bf16(dy2, m));
+        }
         let cols = self.cols();
         // SAFETY: the product writes every element of both outputs.
         unsafe {

@@ -55,6 +55,7 @@ pub fn prepare_model(
     base_name: &str,
 ) -> Result<Option<LoraConfig>> {
     if cfg.mode == Mode::Full {
+        // every weight trains, and trained weights compute in f32
         model.train_embed_tokens = true;
         model.train_lm_head = true;
         model.norm.train = true;
@@ -75,6 +76,8 @@ pub fn prepare_model(
         }
         return Ok(None);
     }
+    // frozen weights take the compute dtype before adapters see them (DoRA's magnitude)
+    model.set_compute_dtype(cfg.compute_dtype.resolve());
     let lcfg = cfg.lora_config(base_name);
     lcfg.validate("<train config>")?;
     let mut rng = Rng::new(cfg.seed).fork(7);

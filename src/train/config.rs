@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
 use crate::adapter::{Bias, DoraDropout, InitLoraWeights, LoraConfig, TargetModules};
+use crate::ops::bf16::ComputeDtype;
 use crate::quant::QuantType;
 
 /// What is trained and how the base is stored.
@@ -176,6 +177,10 @@ settings! {
     blocksize: usize = 64, [long];
     /// Double quantization of qlora/qdora's 4-bit base.
     double_quant: bool = true, [long, num_args = 0..=1, default_missing_value = "true"];
+    /// What the frozen weights' products compute in: f32, bf16 (bf16 operands, f32 sums, as
+    /// `bnb_4bit_compute_dtype=torch.bfloat16`), or auto (bf16 where the CPU has AVX512_BF16).
+    /// Adapters, optimizer and trained weights stay f32.
+    compute_dtype: ComputeDtype = ComputeDtype::F32, [long, value_enum];
 }
 
 impl TrainConfig {

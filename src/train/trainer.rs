@@ -150,6 +150,12 @@ pub struct TrainSummary {
     /// slower ranks included).
     #[serde(default)]
     pub allreduce_seconds: f64,
+    /// What the frozen weights' products computed in (`f32` or `bf16`).
+    #[serde(default)]
+    pub compute_dtype: String,
+    /// The kernels they took (`gemm f32`, `bf16 avx512bf16`, ...).
+    #[serde(default)]
+    pub kernels: String,
 }
 
 fn one_rank() -> usize {
@@ -243,12 +249,35 @@ impl Trainer {
             .max_steps
             .unwrap_or((cfg.epochs * (train_seqs.len() / per_step)).max(1));
         let (mut model, lora) = build_model(&run.model_dir, cfg)?;
+        let compute = model.compute_dtype();
         tracing::info!(
             model = %run.model_dir.display(),
             mode = cfg.mode.as_str(),
             layers = model.layers.len(),
+            compute = compute.name(),
             "model ready"
         );
+        if cfg.compute_dtype != compute {
+            let text = format!(
+                "compute_dtype {} runs as {} here{}",
+                cfg.compute_dtype.name(),
+                compute.name(),
+                if cfg.mode == super::config::Mode::Full {
+                    " (full fine-tuning trains every weight, in f32)"
+                } else {
+                    " (this CPU has no AVX512_BF16)"
+                }
+            );
+            obs.event(Event::Message(&text));
+        }
+        if compute.is_bf16() {
+            let text = format!("compute: {}", compute.kernels());
+            obs.event(Event::Message(&text));
+        }
+        // what ran is what the saved config says
+        let mut run = run;
+        run.config.compute_dtype = compute;
+        let cfg = &run.config;
         if cfg.seq_len > model.config.max_position_embeddings {
             return Err(Error::Settings(vec![format!(
                 "seq_len {} exceeds the model's max_position_embeddings {}",
@@ -594,6 +623,8 @@ impl Trainer {
             skipped_records: self.skipped_records,
             ranks: dist::size(),
             allreduce_seconds: dist::sum_seconds(),
+            compute_dtype: cfg.compute_dtype.name().into(),
+            kernels: cfg.compute_dtype.kernels(),
         };
         if dist::is_root() {
             let json = serde_json::to_string_pretty(&summary).unwrap_or_default();

@@ -1,0 +1,261 @@
+//! The packed route of the bf16 products (`avx512bf16` and `avx512f` kernel sets).
+//!
+//! Both operands are packed as bf16 pairs along the reduction axis (one `u32` per pair, the
+//! lower row in the low half), as `vdpbf16ps` reads them: the left operand whole, in panels of
+//! [`MR`] rows (`[pair][row]`), once per product; the right one per task, a block of
+//! [`KCP`] pairs × up to 16 panels of [`NR`] columns (`[panel][pair][column]`). The register
+//! tile is `MR × NR` = 12 × 32 f32 sums (24 of the 32 zmm registers): per pair, two loads of
+//! the right panel and, per row, one broadcast of the left pair and two dot-product steps. The
+//! BLIS loop order: per reduction block, each right panel (24 KiB) stays in L1 while [`MCP`]
+//! left panels (9 KiB each at a full block) stream past it.
+//!
+//! Tasks split the output's columns (and its rows, when there are too few column panels to go
+//! round), so each writes a disjoint block of it.
+
+use rayon::prelude::*;
+
+use super::{Bf16Kernel, PairRows};
+use crate::ops::mat::{Accum, MatMut, Par};
+
+/// Rows of the register tile.
+pub(super) const MR: usize = 12;
+/// Columns of the register tile (two vectors of 16 lanes).
+pub(super) const NR: usize = 32;
+/// Pairs per reduction block (384 values).
+pub(super) const KCP: usize = 192;
+/// Left panels that pass one right panel while it stays in L1.
+const MCP: usize = 8;
+/// Most column panels one task packs (512 columns; its block is ≤ 384 KiB).
+const TASK_PANELS: usize = 16;
+
+/// One register tile's work: `kb` pairs of a left panel and a right panel into the output
+/// block at `c` (`mr × nr` valid, rows `ldc` apart).
+struct Tile<'a> {
+    kb: usize,
+    a: &'a [u32],
+    b: &'a [u32],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    scale: f32,
+    overwrite: bool,
+}
+
+/// The output, shared by tasks that write disjoint blocks of it.
+struct Out {
+    ptr: *mut f32,
+    rs: usize,
+}
+
+// SAFETY: tasks write disjoint blocks (their own rows × columns) of the output through it.
+unsafe impl Sync for Out {}
+// SAFETY: as above.
+unsafe impl Send for Out {}
+
+impl Out {
+    /// The address of element `(i, j)`.
+    ///
+    /// # Safety
+    /// `(i, j)` must lie in the output block.
+    unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.ptr.add(i * self.rs + j) }
+    }
+}
+
+/// `dst [+]= scale · lhs · rhs` on the packed route (see the module comment).
+pub(super) fn gemm(
+    kernel: Bf16Kernel,
+    mut dst: MatMut<'_>,
+    acc: Accum,
+    lhs_t: &dyn PairRows,
+    rhs: &dyn PairRows,
+    scale: f32,
+    par: Par,
+) {
+    let (m, n, k) = (dst.rows(), dst.cols(), lhs_t.rows());
+    let kp = k.div_ceil(2);
+    let (mpan, npan) = (m.div_ceil(MR), n.div_ceil(NR));
+    let threads = match par {
+        Par::All if 2 * m * n * k >= 1 << 20 => rayon::current_num_threads(),
+        _ => 1,
+    };
+    let mut apack = vec![0u32; mpan * kp * MR];
+    let pack_a = |(ip, panel): (usize, &mut [u32])| {
+        let i0 = ip * MR;
+        lhs_t.pack_pairs(0, kp, i0, MR.min(m - i0), MR, panel);
+    };
+    if threads > 1 {
+        apack.par_chunks_mut(kp * MR).enumerate().for_each(pack_a);
+    } else {
+        apack.chunks_mut(kp * MR).enumerate().for_each(pack_a);
+    }
+    let want = if threads > 1 { 2 * threads } else { 1 };
+    let per_n = npan.div_ceil(want).clamp(1, TASK_PANELS);
+    let tasks_n = npan.div_ceil(per_n);
+    let split_m = if tasks_n >= want {
+        1
+    } else {
+        want.div_ceil(tasks_n).min(mpan)
+    };
+    let per_m = mpan.div_ceil(split_m);
+    let tasks_m = mpan.div_ceil(per_m);
+    let (ptr, rs) = dst.raw();
+    let out = Out { ptr, rs };
+    let apack = &apack;
+    let task = |t: usize| {
+        let (jp0, ip0) = ((t % tasks_n) * per_n, (t / tasks_n) * per_m);
+        let (jp1, ip1) = ((jp0 + per_n).min(npan), (ip0 + per_m).min(mpan));
+        let mut bpack = vec![0u32; KCP.min(kp) * NR * (jp1 - jp0)];
+        for p0 in (0..kp).step_by(KCP) {
+            let kb = KCP.min(kp - p0);
+            for jp in jp0..jp1 {
+                let j0 = jp * NR;
+                let panel = &mut bpack[(jp - jp0) * kb * NR..][..kb * NR];
+                rhs.pack_pairs(2 * p0, kb, j0, NR.min(n - j0), NR, panel);
+            }
+            let overwrite = acc == Accum::Write && p0 == 0;
+            for ib in (ip0..ip1).step_by(MCP) {
+                for jp in jp0..jp1 {
+                    let j0 = jp * NR;
+                    let b = &bpack[(jp - jp0) * kb * NR..][..kb * NR];
+                    for ip in ib..(ib + MCP).min(ip1) {
+                        let i0 = ip * MR;
+                        let tile = Tile {
+                            kb,
+                            a: &apack[(ip * kp + p0) * MR..][..kb * MR],
+                            b,
+                            // SAFETY: (i0, j0) is this task's, inside the output.
+                            c: unsafe { out.at(i0, j0) },
+                            ldc: rs,
+                            mr: MR.min(m - i0),
+                            nr: NR.min(n - j0),
+                            scale,
+                            overwrite,
+                        };
+                        // SAFETY: the tile's `mr × nr` block lies in the output and belongs
+                        // to this task alone; the kernel set is available (checked by the
+                        // caller).
+                        unsafe { run_tile(kernel, &tile) };
+                    }
+                }
+            }
+        }
+    };
+    let tasks = tasks_n * tasks_m;
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    if acc == Accum::Write {
+        // SAFETY: the first reduction block overwrote every tile of the output.
+        unsafe { dst.assume_init() };
+    }
+}
+
+/// Runs one register tile on `kernel`.
+///
+/// # Safety
+/// The tile's output block must be valid for writes (and reads unless `overwrite`), and the
+/// kernel set available on this CPU.
+unsafe fn run_tile(kernel: Bf16Kernel, t: &Tile<'_>) {
+    assert!(t.a.len() >= t.kb * MR && t.b.len() >= t.kb * NR && t.mr <= MR && t.nr <= NR);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; the slices cover `kb` pairs (asserted above).
+    unsafe {
+        match kernel {
+            Bf16Kernel::Avx512Bf16 => x86::tile_bf16(t),
+            Bf16Kernel::Avx512F => x86::tile_fma(t),
+            Bf16Kernel::Portable => unreachable!("the portable route does not pack"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("packed bf16 kernels are x86-64 only ({kernel:?})");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Tile, MR, NR};
+
+    /// One pair step with `vdpbf16ps`: `acc[i] += a.lo·b.lo + a.hi·b.hi` per lane.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    fn dot_bf16(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+        // SAFETY: both are 512-bit vectors; the bf16 vector type is the same bits.
+        let (a, b) = unsafe {
+            (
+                std::mem::transmute::<__m512i, __m512bh>(a),
+                std::mem::transmute::<__m512i, __m512bh>(b),
+            )
+        };
+        _mm512_dpbf16_ps(acc, a, b)
+    }
+
+    /// The same step as two f32 FMAs (low halves, then high halves, widened by shifting or
+    /// masking the bits into place: a bf16 is the top half of an f32).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn dot_fma(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+        let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let lo = |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+        let high = |v| _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        let acc = _mm512_fmadd_ps(lo(a), lo(b), acc);
+        _mm512_fmadd_ps(high(a), high(b), acc)
+    }
+
+    macro_rules! tile_kernel {
+        ($name:ident, $features:literal, $dot:ident) => {
+            /// One register tile (see the module comment).
+            ///
+            /// # Safety
+            /// As `run_tile`: the CPU has the features; the slices hold `kb` pairs.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(t: &Tile<'_>) {
+                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                let (a, b) = (t.a.as_ptr(), t.b.as_ptr());
+                for p in 0..t.kb {
+                    // SAFETY: p < kb, and the panels hold kb·NR and kb·MR pairs.
+                    let (b0, b1) = unsafe {
+                        (
+                            _mm512_loadu_si512(b.add(p * NR).cast()),
+                            _mm512_loadu_si512(b.add(p * NR + 16).cast()),
+                        )
+                    };
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        // SAFETY: as above.
+                        let av = _mm512_set1_epi32(unsafe { *a.add(p * MR + r) } as i32);
+                        row[0] = $dot(row[0], av, b0);
+                        row[1] = $dot(row[1], av, b1);
+                    }
+                }
+                let s = _mm512_set1_ps(t.scale);
+                for (r, row) in acc.iter().enumerate().take(t.mr) {
+                    for (h, v) in row.iter().enumerate() {
+                        let cnt = t.nr.saturating_sub(16 * h).min(16);
+                        if cnt == 0 {
+                            continue;
+                        }
+                        let mask: __mmask16 = if cnt == 16 { 0xffff } else { (1 << cnt) - 1 };
+                        // SAFETY: row r < mr and the masked lanes < nr lie in the output
+                        // block (the caller's contract); masked-off lanes are not touched.
+                        unsafe {
+                            let p = t.c.add(r * t.ldc + 16 * h);
+                            let mut y = _mm512_mul_ps(*v, s);
+                            if !t.overwrite {
+                                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p));
+                            }
+                            _mm512_mask_storeu_ps(p, mask, y);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    tile_kernel!(tile_bf16, "avx512f,avx512bf16", dot_bf16);
+    tile_kernel!(tile_fma, "avx512f", dot_fma);
+}
