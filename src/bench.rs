@@ -389,7 +389,7 @@ pub fn train_step(o: &TrainBenchOptions) -> crate::train::Result<TrainLine> {
     let mut model: Llama = match random::preset(&o.source) {
         Some(c) => {
             let q = o.mode.quantized().then(|| cfg.quantize_options());
-            let mut m = random::random_model(c, q, 0);
+            let mut m = random::random_model(c, q, 0, crate::train::build::frozen_compute(&cfg));
             prepare_model(&mut m, &cfg, &o.source)?;
             m
         }
@@ -502,7 +502,7 @@ pub fn generate(
     for &nf4 in nf4 {
         let q = nf4.then(QuantizeOptions::default);
         let mut model = match random::preset(source) {
-            Some(c) => random::random_model(c, q, 0),
+            Some(c) => random::random_model(c, q, 0, compute.resolve()),
             None => {
                 let storage = match q {
                     Some(o) => crate::model::BaseStorage::Quantize(o),
@@ -510,11 +510,13 @@ pub fn generate(
                 };
                 crate::model::load(
                     std::path::Path::new(source),
-                    &crate::model::LoadOptions { storage },
+                    &crate::model::LoadOptions {
+                        storage,
+                        compute: compute.resolve(),
+                    },
                 )?
             }
         };
-        model.set_compute_dtype(compute.resolve());
         let v = model.config.vocab_size as u64;
         let n = prefill
             .min(

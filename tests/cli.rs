@@ -293,7 +293,14 @@ fn merging_a_qdora_adapter_uses_the_nf4_base_it_was_trained_on() {
         ..Default::default()
     };
     let storage = qdora::model::BaseStorage::Quantize(cfg.quantize_options());
-    let mut m = qdora::model::load(&base, &qdora::model::LoadOptions { storage }).unwrap();
+    let mut m = qdora::model::load(
+        &base,
+        &qdora::model::LoadOptions {
+            storage,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     qdora::model::adapters::load_adapter(&mut m, &adapter).unwrap();
     let want = m.logits(&ids, 2, 12).unwrap();
     let got = qdora::model::load(&merged, &Default::default())

@@ -273,6 +273,21 @@ impl BaseWeight {
                 let awt = y2.split_off(n * out);
                 (y, y2, transpose(&awt, r, out))
             }
+            // bf16: both inputs in one product (the weight decoded or widened once), the
+            // norm's W·Aᵀ apart in f32
+            _ if self.compute_dtype().is_bf16() => {
+                let out = self.out_features();
+                let mut xx = Vec::with_capacity(x.len() + x2.len());
+                xx.extend_from_slice(x);
+                xx.extend_from_slice(&x2);
+                drop(x2);
+                let mut y = self.forward(&xx, 2 * n);
+                drop(xx);
+                let y2 = y.split_off(n * out);
+                // y is kept for backward: give back the half y2 was copied from
+                y.shrink_to_fit();
+                (y, y2, self.times_at(a, r))
+            }
             _ => {
                 let (y, wat) = self.forward_and_times_at(x, n, a, r);
                 (y, self.forward(&x2, n), wat)
@@ -382,6 +397,17 @@ mod tests {
             let dx = quant.backward_input(&dy, n);
             let dt = transpose(&deq, out, inp);
             assert_bf16_product(&dx, &dy, &dt, (n, inp, out), "4-bit backward");
+            // PEFT-form DoRA's pair of inputs, taken in one product
+            let x2: Vec<f32> = (0..n * inp).map(|_| rng.normal()).collect();
+            for (w, vals, what) in [(&dense, &rounded, "dense"), (&quant, &deq, "4-bit")] {
+                if what == "4-bit" && n <= crate::quant::gemv::MAX_ROWS {
+                    continue;
+                }
+                let (y, y2, wat) = w.forward_pair_and_times_at(&x, n, x2.clone(), &a, r);
+                assert_bf16_product(&y, &x, vals, (n, out, inp), what);
+                assert_bf16_product(&y2, &x2, vals, (n, out, inp), what);
+                assert_eq!(wat, w.times_at(&a, r), "{what}");
+            }
         }
         dense.set_compute_dtype(ComputeDtype::F32);
         assert!(matches!(&dense, BaseWeight::Dense { w, .. } if *w == rounded));

@@ -393,6 +393,9 @@ pub struct CompareArgs {
     /// LoRA dropout.
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
+    /// What the frozen weights' products compute in, every mode: f32, bf16 or auto.
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub compute_dtype: ComputeDtype,
     /// Output folder for the table, JSON and plot.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,

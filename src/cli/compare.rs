@@ -96,7 +96,8 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
                 .arg(format!("--seq-len={}", a.seq_len))
                 .arg(format!("--seed={}", a.seed))
                 .arg(format!("--eval-every={}", a.eval_every))
-                .arg(format!("--lora-dropout={}", a.lora_dropout));
+                .arg(format!("--lora-dropout={}", a.lora_dropout))
+                .arg(format!("--compute-dtype={}", a.compute_dtype.name()));
             if let Some(e) = &a.eval_data {
                 cmd.arg("--eval-data").arg(e);
             }
@@ -136,7 +137,13 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
             }
         };
         let ev = |storage| -> Result<f64> {
-            let mut m = load(&model, &LoadOptions { storage })?;
+            let mut m = load(
+                &model,
+                &LoadOptions {
+                    storage,
+                    ..Default::default()
+                },
+            )?;
             m.ensure_positions(a.seq_len);
             Ok(evaluate(&mut m, &eval_seqs, a.batch_size)?)
         };

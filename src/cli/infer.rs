@@ -42,10 +42,9 @@ pub(super) fn load_model(
     if force_nf4 {
         storage = BaseStorage::Quantize(Default::default());
     }
-    let mut model = load(&dir, &LoadOptions { storage })
-        .with_context(|| format!("loading model {}", dir.display()))?;
     let compute = compute.unwrap_or(trained_compute).resolve();
-    model.set_compute_dtype(compute);
+    let mut model = load(&dir, &LoadOptions { storage, compute })
+        .with_context(|| format!("loading model {}", dir.display()))?;
     if compute.is_bf16() {
         tracing::info!(kernels = %compute.kernels(), "bf16 compute");
     }

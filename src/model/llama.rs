@@ -91,28 +91,36 @@ fn push_block(out: &mut Grads, i: usize, g: BlockGrads) {
 
 impl Llama {
     /// Puts a model together from its weights (frozen; RoPE tables for `rope_len` positions).
-    /// `lm_head = None` ties the head to the embedding.
+    /// The embedding and head are dense `(vocab, hidden)`; `lm_head = None` ties the head to
+    /// the embedding.
+    ///
+    /// # Panics
+    /// If the embedding or head is not `(vocab, hidden)`.
     pub fn assemble(
         config: LlamaConfig,
-        embed_tokens: Vec<f32>,
+        embed_tokens: BaseWeight,
         layers: Vec<Block>,
         norm: RmsNorm,
-        lm_head: Option<Vec<f32>>,
+        lm_head: Option<BaseWeight>,
         rope_len: usize,
     ) -> Self {
         let (v, d) = (config.vocab_size, config.hidden_size);
+        for w in std::iter::once(&embed_tokens).chain(&lm_head) {
+            assert_eq!(
+                (w.out_features(), w.in_features()),
+                (v, d),
+                "embedding shape"
+            );
+            assert!(!w.is_quantized(), "a 4-bit embedding or head");
+        }
         let mut rope = Rope::new(config.head_dim, config.rope_theta, config.rope_scaling);
         rope.ensure(rope_len);
         Self {
-            embed_tokens: BaseWeight::Dense {
-                w: embed_tokens,
-                out: v,
-                inp: d,
-            },
+            embed_tokens,
             train_embed_tokens: false,
             layers,
             norm,
-            lm_head: lm_head.map(|w| BaseWeight::Dense { w, out: v, inp: d }),
+            lm_head,
             train_lm_head: false,
             rope,
             config,

@@ -12,6 +12,7 @@ use super::llama::Llama;
 use super::params::Proj;
 use crate::adapter::BaseWeight;
 use crate::io::{self, Checkpoint, OwnedTensor, StDtype};
+use crate::ops::bf16::ComputeDtype;
 use crate::quant::{bnb_io, Dtype, QuantizeOptions, QuantizedWeight};
 
 /// How to store the base weights.
@@ -31,6 +32,10 @@ pub enum BaseStorage {
 pub struct LoadOptions {
     /// Base weight storage.
     pub storage: BaseStorage,
+    /// What the weights compute in (resolved): with bf16, each dense weight is rounded to bf16
+    /// as it is read (so no f32 copy of the whole model is ever held) and 4-bit weights compute
+    /// in bf16. For a model whose weights will train, leave it f32.
+    pub compute: ComputeDtype,
 }
 
 struct Loader<'a> {
@@ -68,9 +73,10 @@ impl Loader<'_> {
         inp: usize,
         bias: bool,
         storage: BaseStorage,
+        compute: ComputeDtype,
     ) -> Result<Linear> {
         let key = format!("{path}.weight");
-        let weight = if bnb_io::is_quantized(self.ckpt, &key) {
+        let mut weight = if bnb_io::is_quantized(self.ckpt, &key) {
             let q = bnb_io::read_quantized(self.ckpt, &key)?;
             if q.shape != [out, inp] {
                 return Err(Error::Shape {
@@ -102,6 +108,7 @@ impl Loader<'_> {
                 _ => BaseWeight::Dense { w, out, inp },
             }
         };
+        weight.set_compute_dtype(compute);
         let bias = if bias {
             Some(self.dense(&format!("{path}.bias"), &[out])?)
         } else {
@@ -149,12 +156,19 @@ pub fn from_checkpoint(
         c.num_attention_heads * c.head_dim,
         c.num_key_value_heads * c.head_dim,
     );
-    let embed = l.dense("model.embed_tokens.weight", &[v, d])?;
+    // each dense tensor takes its compute dtype as it is read
+    let held = |w: Vec<f32>| {
+        let mut w = BaseWeight::Dense { w, out: v, inp: d };
+        w.set_compute_dtype(opts.compute);
+        w
+    };
+    let embed = held(l.dense("model.embed_tokens.weight", &[v, d])?);
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let lin =
-            |proj: Proj, out, inp, bias| l.linear(&proj.path(i), out, inp, bias, opts.storage);
+        let lin = |proj: Proj, out, inp, bias| {
+            l.linear(&proj.path(i), out, inp, bias, opts.storage, opts.compute)
+        };
         let qk_norm = c.arch == Arch::Qwen3;
         let norm = |key: &str, n: usize| -> Result<RmsNorm> {
             Ok(RmsNorm::new(l.dense(key, &[n])?, c.rms_norm_eps))
@@ -191,7 +205,7 @@ pub fn from_checkpoint(
     }
     let norm = RmsNorm::new(l.dense("model.norm.weight", &[d])?, c.rms_norm_eps);
     let lm_head = if ckpt.contains("lm_head.weight") && !c.tie_word_embeddings {
-        Some(l.dense("lm_head.weight", &[v, d])?)
+        Some(held(l.dense("lm_head.weight", &[v, d])?))
     } else if c.tie_word_embeddings {
         None
     } else {

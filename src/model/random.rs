@@ -1,12 +1,14 @@
 //! Random-initialised models from a config (benchmark presets), with 4-bit linears quantized one
 //! tensor at a time so a 7B-shaped model never exists in f32.
 
+use half::bf16;
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use super::layers::{Attention, Block, Linear, Mlp, RmsNorm};
 use super::llama::Llama;
 use crate::adapter::BaseWeight;
+use crate::ops::bf16::ComputeDtype;
 use crate::ops::Rng;
 use crate::quant::{Dtype, QuantizeOptions, QuantizedWeight};
 
@@ -48,11 +50,48 @@ fn fill(n: usize, std: f32, rng: &Rng) -> Vec<f32> {
     v
 }
 
-/// A model with random weights (std 0.02, norms 1); `quantize` stores decoder linears 4-bit.
+/// [`fill`]'s values rounded to bf16, generated chunk by chunk (no f32 copy of the whole).
+fn fill_bf16(n: usize, std: f32, rng: &Rng) -> Vec<bf16> {
+    let a = std * 3f32.sqrt();
+    let mut v = vec![bf16::ZERO; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+        let mut r = rng.fork(i as u64);
+        for x in c.iter_mut() {
+            *x = bf16::from_f32((r.uniform() * 2.0 - 1.0) * a);
+        }
+    });
+    v
+}
+
+/// A dense `out × in` weight of [`fill`]'s values, held for `compute` (bf16: rounded as made).
+fn dense(out: usize, inp: usize, rng: &Rng, compute: ComputeDtype) -> BaseWeight {
+    if compute.is_bf16() {
+        BaseWeight::DenseBf16 {
+            w: fill_bf16(out * inp, 0.02, rng),
+            out,
+            inp,
+        }
+    } else {
+        BaseWeight::Dense {
+            w: fill(out * inp, 0.02, rng),
+            out,
+            inp,
+        }
+    }
+}
+
+/// A model with random weights (std 0.02, norms 1); `quantize` stores decoder linears 4-bit;
+/// `compute` is what the weights compute in (bf16: dense weights made in bf16, the same values
+/// as [`Llama::set_compute_dtype`] on an f32 model gives, without the f32 model ever existing).
 ///
 /// # Panics
 /// Never for valid configs (quantization settings are checked by the caller).
-pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed: u64) -> Llama {
+pub fn random_model(
+    config: LlamaConfig,
+    quantize: Option<QuantizeOptions>,
+    seed: u64,
+    compute: ComputeDtype,
+) -> Llama {
     let c = &config;
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (q, kv) = (
@@ -66,14 +105,15 @@ pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed
         root.fork(k)
     };
     let mut lin = |out: usize, inp: usize| {
-        let w = fill(out * inp, 0.02, &next());
-        let weight = match quantize {
+        let rng = next();
+        let mut weight = match quantize {
             Some(o) => BaseWeight::Quant(
-                QuantizedWeight::quantize(&w, &[out, inp], Dtype::F32, o)
+                QuantizedWeight::quantize(&fill(out * inp, 0.02, &rng), &[out, inp], Dtype::F32, o)
                     .expect("valid quantization options"),
             ),
-            None => BaseWeight::Dense { w, out, inp },
+            None => dense(out, inp, &rng, compute),
         };
+        weight.set_compute_dtype(compute);
         Linear::new(weight, None)
     };
     let mut layers = Vec::new();
@@ -100,8 +140,8 @@ pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed
             },
         });
     }
-    let embed = fill(v * d, 0.02, &next());
-    let head = fill(v * d, 0.02, &next());
+    let embed = dense(v, d, &next(), compute);
+    let head = dense(v, d, &next(), compute);
     let norm = RmsNorm::new(vec![1.0; d], c.rms_norm_eps);
     Llama::assemble(config, embed, layers, norm, Some(head), 512)
 }
@@ -109,6 +149,32 @@ pub fn random_model(config: LlamaConfig, quantize: Option<QuantizeOptions>, seed
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Proj;
+
+    /// A model made for bf16 holds exactly what an f32 model converted to bf16 holds, dense
+    /// or 4-bit, so a benchmark's bf16 run starts from the same weights as its f32 run.
+    #[test]
+    fn a_bf16_model_is_the_f32_model_rounded() {
+        let c = preset("llama-tiny-512").unwrap();
+        for q in [None, Some(QuantizeOptions::default())] {
+            let mut want = random_model(c.clone(), q, 3, ComputeDtype::F32);
+            want.set_compute_dtype(ComputeDtype::Bf16);
+            let got = random_model(c.clone(), q, 3, ComputeDtype::Bf16);
+            assert_eq!(got.compute_dtype(), ComputeDtype::Bf16);
+            let pairs = [
+                (&got.embed_tokens, &want.embed_tokens),
+                (got.head(), want.head()),
+                (
+                    &got.layers[1].linear(Proj::DownProj).weight,
+                    &want.layers[1].linear(Proj::DownProj).weight,
+                ),
+            ];
+            for (g, w) in pairs {
+                assert_eq!(g.compute_dtype(), w.compute_dtype());
+                assert_eq!(g.to_f32(), w.to_f32());
+            }
+        }
+    }
 
     /// Every listed preset has the shape its name promises, and its matmul parameter count
     /// (the N of MFU) is the one benchmarks report.

@@ -8,6 +8,7 @@ use super::config::{Mode, TrainConfig};
 use super::error::{Error, Result};
 use crate::adapter::{BaseWeight, LoraConfig};
 use crate::model::{adapters, load, random, BaseStorage, Llama, LoadOptions, Proj};
+use crate::ops::bf16::ComputeDtype;
 use crate::ops::Rng;
 
 /// Prefix of a model "path" that names a random-initialised preset (`preset:llama-tiny-512`).
@@ -31,18 +32,29 @@ pub fn build_model(model_dir: &Path, cfg: &TrainConfig) -> Result<(Llama, Option
                     random::PRESETS.join(", ")
                 )])
             })?;
-            random::random_model(c, quantize, cfg.seed)
+            random::random_model(c, quantize, cfg.seed, frozen_compute(cfg))
         }
         None => {
             let storage = match quantize {
                 Some(o) => BaseStorage::Quantize(o),
                 None => BaseStorage::Dense,
             };
-            load(model_dir, &LoadOptions { storage })?
+            // frozen weights are stored for their compute dtype as they are read
+            let compute = frozen_compute(cfg);
+            load(model_dir, &LoadOptions { storage, compute })?
         }
     };
     let lora = prepare_model(&mut model, cfg, &model_dir.display().to_string())?;
     Ok((model, lora))
+}
+
+/// What the base's weights compute in before anything trains: f32 for full fine-tuning (every
+/// weight trains), the resolved `compute_dtype` otherwise.
+pub fn frozen_compute(cfg: &TrainConfig) -> ComputeDtype {
+    match cfg.mode {
+        Mode::Full => ComputeDtype::F32,
+        _ => cfg.compute_dtype.resolve(),
+    }
 }
 
 /// Makes a loaded model trainable for `cfg.mode` (adapters, or every weight for full).

@@ -33,6 +33,8 @@ pub struct CompareRow {
     pub train_loss: f64,
     /// (step, eval loss).
     pub eval_curve: Vec<(usize, f64)>,
+    /// What the frozen weights' products computed in (`f32`, `bf16`).
+    pub compute_dtype: String,
 }
 
 impl CompareRow {
@@ -51,6 +53,7 @@ impl CompareRow {
             perplexity: s.final_eval_loss.map(f64::exp),
             train_loss: s.final_train_loss,
             eval_curve: s.eval_curve.clone(),
+            compute_dtype: s.compute_dtype.clone(),
         }
     }
 }
@@ -63,12 +66,13 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 /// The Markdown table, with the base model's eval loss (dense and NF4) as reference lines.
 pub fn markdown(rows: &[CompareRow], base_dense: Option<f64>, base_nf4: Option<f64>) -> String {
     let mut s = String::from(
-        "| mode | r | trainable params | trainable % | weights as stored (MiB) | peak RSS (MiB) | s/step | tokens/s | eval loss | eval ppl |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | compute | r | trainable params | trainable % | weights as stored (MiB) | peak RSS (MiB) | s/step | tokens/s | eval loss | eval ppl |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2} | {:.0} | {:.3} | {:.0} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.3} | {:.2} | {:.0} | {:.3} | {:.0} | {} | {} |\n",
             r.mode,
+            r.compute_dtype,
             if r.mode == "full" {
                 "–".to_string()
             } else {

@@ -150,8 +150,9 @@ pub struct TrainSummary {
     /// slower ranks included).
     #[serde(default)]
     pub allreduce_seconds: f64,
-    /// What the frozen weights' products computed in (`f32` or `bf16`).
-    #[serde(default)]
+    /// What the frozen weights' products computed in (`f32` or `bf16`; runs from before the
+    /// setting existed computed in f32).
+    #[serde(default = "f32_name")]
     pub compute_dtype: String,
     /// The kernels they took (`gemm f32`, `bf16 avx512bf16`, ...).
     #[serde(default)]
@@ -160,6 +161,10 @@ pub struct TrainSummary {
 
 fn one_rank() -> usize {
     1
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// The metrics line of the evaluation before the first step.
@@ -270,10 +275,8 @@ impl Trainer {
             );
             obs.event(Event::Message(&text));
         }
-        if compute.is_bf16() {
-            let text = format!("compute: {}", compute.kernels());
-            obs.event(Event::Message(&text));
-        }
+        let text = format!("compute: {} ({})", compute.name(), compute.kernels());
+        obs.event(Event::Message(&text));
         // what ran is what the saved config says
         let mut run = run;
         run.config.compute_dtype = compute;
