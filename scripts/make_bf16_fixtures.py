@@ -16,39 +16,21 @@ dispatches to repacking kernels with their own rounding.
 import argparse
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import peft
 import transformers
 
 
-def _reference_dequantize_4bit(A, quant_state=None, *args, **kwargs):
-    qs = quant_state
-    n = 1
-    for d in qs.shape:
-        n *= d
-    absmax = qs.absmax
-    if qs.nested:
-        s2 = qs.state2
-        absmax = s2.code[absmax.long()] * s2.absmax.repeat_interleave(s2.blocksize)[: absmax.numel()] + qs.offset
-    packed = A.reshape(-1).view(torch.uint8)
-    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
-    vals = qs.code[codes] * absmax.float().repeat_interleave(qs.blocksize)[:n]
-    return vals.reshape(qs.shape).to(qs.dtype)
+# bitsandbytes' reference dequantize + F.linear, patched in by importing the round-trip check
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_peft_roundtrip  # noqa: E402,F401
 
-
-def _reference_matmul_4bit(A, B, quant_state=None, out=None, bias=None):
-    W = _reference_dequantize_4bit(B, quant_state).to(A.dtype)
-    return torch.nn.functional.linear(A, W, bias)
-
-
-bnb.matmul_4bit = _reference_matmul_4bit
-bnbF.dequantize_4bit = _reference_dequantize_4bit
 
 CASES = ["lora", "dora", "qlora", "qdora"]
 

@@ -2,27 +2,14 @@
 //! failure).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qdora::io::{Checkpoint, OwnedTensor};
 
 mod common;
-use common::{ids, max_diff};
+use common::{ids, max_diff, qdora, small_token_data};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn qdora(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_qdora"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
 }
 
 fn s(p: &Path) -> &str {
@@ -244,15 +231,7 @@ fn eval_reports_loss_and_perplexity() {
 #[test]
 fn merging_a_qdora_adapter_uses_the_nf4_base_it_was_trained_on() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("d.jsonl");
-    let mut text = String::new();
-    for r in 0..16 {
-        let ids: Vec<String> = (0..40)
-            .map(|i| ((r * 5 + i * 7) % 256).to_string())
-            .collect();
-        text.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(",")));
-    }
-    std::fs::write(&data, text).unwrap();
+    let data = small_token_data(d.path());
     let base = root().join("tests/fixtures/models/tiny-llama");
     let adapter = d.path().join("qdora");
     let (ok, _, err) = qdora(&[

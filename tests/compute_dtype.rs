@@ -12,13 +12,15 @@
 //! weight and therefore keeps f32 compute: its gradients are the f32 ones, to the bit.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qdora::adapter::InitLoraWeights;
 use qdora::model::StepOptions;
 use qdora::ops::bf16::{Bf16Kernel, ComputeDtype};
 use qdora::ops::Rng;
 use qdora::train::{build_model, Mode, TrainConfig};
+
+mod common;
+use common::{qdora, small_token_data};
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-llama")
@@ -129,33 +131,13 @@ fn auto_follows_the_cpu() {
     assert_eq!(c.is_bf16(), native);
 }
 
-fn qdora(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_qdora"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
 /// `train --compute-dtype bf16` writes what ran into `train_config.toml` and `summary.json`;
 /// `eval` of the adapter computes as it trained unless told otherwise, and the two dtypes give
 /// nearly the same loss.
 #[test]
 fn the_binary_records_and_reuses_the_compute_dtype() {
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("d.jsonl");
-    let mut text = String::new();
-    for r in 0..16 {
-        let ids: Vec<String> = (0..40)
-            .map(|i| ((r * 5 + i * 7) % 256).to_string())
-            .collect();
-        text.push_str(&format!("{{\"input_ids\": [{}]}}\n", ids.join(",")));
-    }
-    std::fs::write(&data, text).unwrap();
+    let data = small_token_data(d.path());
     let out = d.path().join("run");
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (ok, _, err) = qdora(&[
