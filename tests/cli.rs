@@ -331,6 +331,27 @@ fn bench_train_prints_consistent_figures() {
     assert!((f("mfu") - f("gflops") / f("ceiling_gflops")).abs() < 1e-12);
     assert!((f("tokens_per_s") - 64.0 / f("step_s")).abs() < 1e-6 * f("tokens_per_s"));
     assert!(f("loss").is_finite());
+    assert_eq!(line["compute_dtype"], "f32");
+    assert_eq!(line["kernels"], "gemm f32");
+    // in bf16 the ceiling is the bf16 kernel set's, and the line says which set ran
+    let (ok, out, err) = qdora(&[
+        "bench",
+        "train",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--steps",
+        "1",
+        "--compute-dtype",
+        "bf16",
+    ]);
+    assert!(ok, "{err}");
+    let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert_eq!(line["compute_dtype"], "bf16");
+    let kernels = line["kernels"].as_str().unwrap_or_default();
+    assert!(kernels.starts_with("bf16 "), "{line}");
+    assert!(line["mfu"].as_f64().is_some_and(|m| m > 0.0), "{line}");
     let (ok, _, err) = qdora(&["bench", "train", "--preset", "stories260K"]);
     assert!(!ok);
     assert!(
