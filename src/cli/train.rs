@@ -118,7 +118,8 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let demo = is_demo(&a);
     if demo {
         eprintln!(
-            "no --model/--data: QDoRA demo on the bundled stories260K with tinyshakespeare (lr {}, {} steps, batch {} x {})",
+            "no --model/--data: {} demo on the bundled stories260K with tinyshakespeare (lr {}, {} steps, batch {} x {})",
+            config.mode.as_str(),
             config.lr,
             config.max_steps.unwrap_or(0),
             config.batch_size,
