@@ -73,7 +73,7 @@ fn gemm_lines(quick: bool) -> Vec<QuantLine> {
     for (m, n, k) in shapes {
         let shape = format!("{m}x{k}·{k}x{n}");
         let flops = 2.0 * (m * n * k) as f64;
-        let f32_gflops = f32_gemm_gflops((m, n, k), 3);
+        let f32_gflops = ops::matmul_gflops((m, n, k), 3);
         out.push(QuantLine {
             op: "gemm f32".into(),
             shape: shape.clone(),
@@ -95,24 +95,6 @@ fn gemm_lines(quick: bool) -> Vec<QuantLine> {
         }
     }
     out
-}
-
-/// GFLOP/s of an f32 `(m×k)·(k×n)` product through gemm, best of `reps`.
-fn f32_gemm_gflops((m, n, k): (usize, usize, usize), reps: usize) -> f64 {
-    use crate::ops::{gemm, Accum, MatMut, MatRef, Par};
-    let (a, b) = (data(m * k, 5), data(k * n, 6));
-    let mut c = vec![0f32; m * n];
-    let t = best_of(reps, || {
-        gemm(
-            MatMut::new(&mut c, m, n),
-            Accum::Write,
-            MatRef::new(&a, m, k),
-            MatRef::new(&b, k, n),
-            1.0,
-            Par::All,
-        )
-    });
-    2.0 * (m * n * k) as f64 / t / 1e9
 }
 
 /// Quantization kernels: quantize / dequantize throughput and the fused 4-bit matmuls next to

@@ -37,37 +37,29 @@ pub fn preset(name: &str) -> Option<LlamaConfig> {
     LlamaConfig::from_json(&json, name).ok()
 }
 
-/// Uniform values with standard deviation `std` (fast; fine for speed benchmarks).
-fn fill(n: usize, std: f32, rng: &Rng) -> Vec<f32> {
+/// `n` values uniform in ±std·√3 (std `std`), each chunk of 2¹⁶ from its own fork of `rng`
+/// (the same values whatever the thread count), stored as `as_t` makes them.
+fn fill_as<T: Copy + Default + Send>(n: usize, std: f32, rng: &Rng, as_t: fn(f32) -> T) -> Vec<T> {
     let a = std * 3f32.sqrt();
-    let mut v = vec![0f32; n];
+    let mut v = vec![T::default(); n];
     v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
         let mut r = rng.fork(i as u64);
         for x in c.iter_mut() {
-            *x = (r.uniform() * 2.0 - 1.0) * a;
+            *x = as_t((r.uniform() * 2.0 - 1.0) * a);
         }
     });
     v
 }
 
-/// [`fill`]'s values rounded to bf16, generated chunk by chunk (no f32 copy of the whole).
-fn fill_bf16(n: usize, std: f32, rng: &Rng) -> Vec<bf16> {
-    let a = std * 3f32.sqrt();
-    let mut v = vec![bf16::ZERO; n];
-    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
-        let mut r = rng.fork(i as u64);
-        for x in c.iter_mut() {
-            *x = bf16::from_f32((r.uniform() * 2.0 - 1.0) * a);
-        }
-    });
-    v
+fn fill(n: usize, std: f32, rng: &Rng) -> Vec<f32> {
+    fill_as(n, std, rng, |x| x)
 }
 
 /// A dense `out × in` weight of [`fill`]'s values, held for `compute` (bf16: rounded as made).
 fn dense(out: usize, inp: usize, rng: &Rng, compute: ComputeDtype) -> BaseWeight {
     if compute.is_bf16() {
         BaseWeight::DenseBf16 {
-            w: fill_bf16(out * inp, 0.02, rng),
+            w: fill_as(out * inp, 0.02, rng, bf16::from_f32),
             out,
             inp,
         }

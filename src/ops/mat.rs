@@ -404,23 +404,28 @@ pub fn matmul_nn(a: &[f32], m: usize, b: &[f32], k: usize, n: usize) -> Vec<f32>
 /// Measures the f32 matmul ceiling of this machine: GFLOP/s of a `size³` product, best of
 /// `reps` runs (used by benchmarks as the denominator of MFU).
 pub fn matmul_ceiling_gflops(size: usize, reps: usize) -> f64 {
-    let a = vec![1.0f32; size * size];
-    let b = vec![0.5f32; size * size];
-    let mut c = vec![0f32; size * size];
+    matmul_gflops((size, size, size), reps)
+}
+
+/// GFLOP/s of an f32 `(m × k)·(k × n)` product through gemm, best of `reps` runs.
+pub fn matmul_gflops((m, n, k): (usize, usize, usize), reps: usize) -> f64 {
+    let a = vec![1.0f32; m * k];
+    let b = vec![0.5f32; k * n];
+    let mut c = vec![0f32; m * n];
     let mut best = f64::MAX;
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
         gemm(
-            MatMut::new(&mut c, size, size),
+            MatMut::new(&mut c, m, n),
             Accum::Write,
-            MatRef::new(&a, size, size),
-            MatRef::new(&b, size, size),
+            MatRef::new(&a, m, k),
+            MatRef::new(&b, k, n),
             1.0,
             Par::All,
         );
         best = best.min(t.elapsed().as_secs_f64());
     }
-    2.0 * (size as f64).powi(3) / best / 1e9
+    2.0 * (m * n * k) as f64 / best / 1e9
 }
 
 #[cfg(test)]

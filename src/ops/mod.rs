@@ -20,8 +20,8 @@ pub mod transpose;
 pub mod uninit;
 
 pub use mat::{
-    gemm, matmul_ceiling_gflops, matmul_nn, matmul_nt, matmul_tn, threads, Accum, MatMut, MatRef,
-    Par,
+    gemm, matmul_ceiling_gflops, matmul_gflops, matmul_nn, matmul_nt, matmul_tn, threads, Accum,
+    MatMut, MatRef, Par,
 };
 pub use math::{dot, exp_neg, fmadd, sigmoid, softmax_replay, softmax_scaled, sum};
 pub use par::{add_assign, reduce_parts, PAR_CHUNK};

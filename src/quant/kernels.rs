@@ -205,12 +205,6 @@ pub(super) mod simd {
     }
 }
 
-/// Rounds f32 to bf16 bits with round-to-nearest-even (NaN stays NaN).
-#[inline]
-pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
-}
-
 /// A 4-bit matrix view for the fused kernels: W is `rows × cols` (out × in), row-major.
 pub struct Packed4<'a> {
     /// Packed nibbles, `(rows*cols+1)/2` bytes.

@@ -6,8 +6,7 @@ use super::error::{Error, Result};
 use super::kernels::{self, Packed4};
 use super::pairs::Nf4Pairs;
 use crate::ops;
-use crate::ops::bf16::{gemm_bf16, ComputeDtype};
-use crate::ops::{Accum, MatRef, Par};
+use crate::ops::bf16::ComputeDtype;
 
 /// A floating-point storage type: what a weight had before quantization (`quant_state.dtype`,
 /// which dequantization rounds to), or what a written checkpoint stores.
@@ -320,7 +319,7 @@ impl QuantizedWeight {
                 let mut buf = vec![0f32; chunk.len()];
                 self.dequantize_rows(r0, r1, &mut buf);
                 for (o, v) in chunk.iter_mut().zip(&buf) {
-                    *o = kernels::f32_to_bf16_bits(*v);
+                    *o = ops::bf16::to_bits(*v);
                 }
             });
         out
@@ -376,28 +375,12 @@ impl QuantizedWeight {
 
     /// `y = x · Wᵀ` with bf16 operands: the codes decoded straight into bf16 panels.
     fn matmul_t_bf16(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.cols(), "x shape");
-        let w = Nf4Pairs::new(self.view(), self.dtype, true);
-        let x = MatRef::new(x, m, self.cols());
-        // SAFETY: the product overwrites the whole m × rows output.
-        unsafe {
-            ops::uninit::new_matrix(m, self.rows(), |y| {
-                gemm_bf16(y, Accum::Write, &x.t(), &w, 1.0, Par::All)
-            })
-        }
+        ops::bf16::matmul(x, m, &Nf4Pairs::new(self.view(), self.dtype, true))
     }
 
     /// `dx = dy · W` with bf16 operands.
     fn matmul_bf16(&self, dy: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(dy.len(), m * self.rows(), "dy shape");
-        let w = Nf4Pairs::new(self.view(), self.dtype, false);
-        let dy = MatRef::new(dy, m, self.rows());
-        // SAFETY: the product overwrites the whole m × cols output.
-        unsafe {
-            ops::uninit::new_matrix(m, self.cols(), |dx| {
-                gemm_bf16(dx, Accum::Write, &dy.t(), &w, 1.0, Par::All)
-            })
-        }
+        ops::bf16::matmul(dy, m, &Nf4Pairs::new(self.view(), self.dtype, false))
     }
 
     /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles

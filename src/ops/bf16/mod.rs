@@ -375,18 +375,29 @@ pub fn gemm_bf16_with(
 /// instead of packing panels.
 pub const GEMV_ROWS: usize = 4;
 
+/// `x (n × k) · rhs (k × cols)` into a new `n × cols` matrix, `x` rounded to bf16: the one
+/// shape every frozen-weight product takes (`rhs` is `Wᵀ` forward, `W` backward).
+///
+/// # Panics
+/// If `x` is not `n × rhs.rows()`.
+pub fn matmul(x: &[f32], n: usize, rhs: &dyn PairRows) -> Vec<f32> {
+    let k = rhs.rows();
+    assert_eq!(x.len(), n * k, "x is not {n} × {k}");
+    let x = MatRef::new(x, n, k);
+    // SAFETY: the product overwrites the whole n × cols output.
+    unsafe {
+        super::uninit::new_matrix(n, rhs.cols(), |y| {
+            gemm_bf16(y, Accum::Write, &x.t(), rhs, 1.0, Par::All)
+        })
+    }
+}
+
 /// `y (n×out) = x (n×in) · wᵀ` for a row-major bf16 `w (out×in)`, `x` rounded to bf16.
 pub fn matmul_nt(x: &[f32], n: usize, w: &[bf16], out: usize, inp: usize) -> Vec<f32> {
     if n <= GEMV_ROWS {
         return gemv_nt(x, n, w, out, inp);
     }
-    let (x, w) = (MatRef::new(x, n, inp), Bf16Ref::new(w, out, inp));
-    // SAFETY: the product overwrites the whole n × out output.
-    unsafe {
-        super::uninit::new_matrix(n, out, |y| {
-            gemm_bf16(y, Accum::Write, &x.t(), &w.t(), 1.0, Par::All)
-        })
-    }
+    matmul(x, n, &Bf16Ref::new(w, out, inp).t())
 }
 
 /// [`matmul_nt`] for a few rows: each thread takes a run of weight rows and, per row, the dot
@@ -395,7 +406,7 @@ pub fn matmul_nt(x: &[f32], n: usize, w: &[bf16], out: usize, inp: usize) -> Vec
 fn gemv_nt(x: &[f32], n: usize, w: &[bf16], out: usize, inp: usize) -> Vec<f32> {
     assert_eq!(x.len(), n * inp, "x is not {n} × {inp}");
     assert_eq!(w.len(), out * inp, "w is not {out} × {inp}");
-    let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let xr: Vec<f32> = x.iter().map(|&v| from_bits(to_bits(v))).collect();
     const LANES: usize = 16;
     let dot = |wrow: &[bf16], xrow: &[f32]| {
         let mut acc = [0f32; LANES];
@@ -403,7 +414,7 @@ fn gemv_nt(x: &[f32], n: usize, w: &[bf16], out: usize, inp: usize) -> Vec<f32> 
         let (wt, xt) = (wc.remainder(), xc.remainder());
         for (wv, xv) in wc.zip(xc) {
             for l in 0..LANES {
-                acc[l] += f32::from_bits((wv[l].to_bits() as u32) << 16) * xv[l];
+                acc[l] += from_bits(wv[l].to_bits()) * xv[l];
             }
         }
         let tail: f32 = wt.iter().zip(xt).map(|(a, b)| a.to_f32() * b).sum();
@@ -430,13 +441,7 @@ fn gemv_nt(x: &[f32], n: usize, w: &[bf16], out: usize, inp: usize) -> Vec<f32> 
 
 /// `dx (n×in) = dy (n×out) · w` for a row-major bf16 `w (out×in)`, `dy` rounded to bf16.
 pub fn matmul_nn(dy: &[f32], n: usize, w: &[bf16], out: usize, inp: usize) -> Vec<f32> {
-    let (dy, w) = (MatRef::new(dy, n, out), Bf16Ref::new(w, out, inp));
-    // SAFETY: the product overwrites the whole n × in output.
-    unsafe {
-        super::uninit::new_matrix(n, inp, |dx| {
-            gemm_bf16(dx, Accum::Write, &dy.t(), &w, 1.0, Par::All)
-        })
-    }
+    matmul(dy, n, &Bf16Ref::new(w, out, inp))
 }
 
 /// Reduction rows widened per block of the portable route.
