@@ -17,12 +17,11 @@ use std::path::{Path, PathBuf};
 
 use qdora::io::Checkpoint;
 use qdora::model::adapters::load_adapter;
-use qdora::model::{load, LoadOptions, StepOptions};
+use qdora::model::{load, LoadOptions};
 use qdora::ops::bf16::ComputeDtype;
-use qdora::ops::Rng;
 
 mod common;
-use common::ids;
+use common::{ids, mean_loss_and_grads};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -74,17 +73,7 @@ fn check(case: &str, base: &str) {
     let to_f32 = dist(&logits, &spread);
     println!("{case}: logits ‖ours − peft_f32‖ {to_f32:.3e}");
 
-    let count = (0..b)
-        .map(|bi| (1..t).filter(|&i| labels[bi * t + i] != -100).count())
-        .sum::<usize>();
-    let step = StepOptions {
-        gradient_checkpointing: false,
-        grad_scale: 1.0 / count as f32,
-    };
-    let (sum, n, grads) = m
-        .forward_backward(&ids, &labels, b, t, &step, &mut Rng::new(0))
-        .unwrap();
-    let loss = sum / n as f64;
+    let (loss, grads) = mean_loss_and_grads(&mut m, &ids, &labels, b, t);
     let (want, f32_loss) = (get(&bf, "loss")[0] as f64, get(&f32r, "loss")[0] as f64);
     let bound = 1.5 * (f32_loss - want).abs() + 1e-3 * want.abs();
     println!("{case}: loss ours {loss:.6}, peft_bf16 {want:.6}, peft_f32 {f32_loss:.6}");

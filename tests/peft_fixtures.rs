@@ -8,11 +8,11 @@ use qdora::adapter::merge::merged_weight;
 use qdora::adapter::{BaseWeight, LoraConfig};
 use qdora::io::Checkpoint;
 use qdora::model::adapters::{attach, load_adapter, merge};
-use qdora::model::{load, Llama, LoadOptions, Proj, StepOptions};
+use qdora::model::{load, Llama, LoadOptions, Proj};
 use qdora::ops::Rng;
 
 mod common;
-use common::{ids, max_diff};
+use common::{ids, max_diff, mean_loss_and_grads};
 use qdora::quant::{QuantizeOptions, QuantizedWeight};
 
 fn root() -> PathBuf {
@@ -55,18 +55,8 @@ fn check_case(case: &str) {
     );
     assert!(d < 1e-4, "{case}: logits max diff {d}");
     // Loss and gradients of the mean loss, in training mode (no dropout in these fixtures).
-    let count = (0..b)
-        .map(|bi| (1..t).filter(|&i| labels[bi * t + i] != -100).count())
-        .sum::<usize>();
-    let opts = StepOptions {
-        gradient_checkpointing: false,
-        grad_scale: 1.0 / count as f32,
-    };
-    let (sum, n, grads) = m
-        .forward_backward(&ids, &labels, b, t, &opts, &mut Rng::new(0))
-        .unwrap();
-    assert_eq!(n, count);
-    let loss = (sum / n as f64) as f32;
+    let (loss, grads) = mean_loss_and_grads(&mut m, &ids, &labels, b, t);
+    let loss = loss as f32;
     let want = r.get("loss").unwrap().to_f32().unwrap()[0];
     assert!((loss - want).abs() < 1e-5, "{case}: loss {loss} vs {want}");
     let ref_grads: Vec<&str> = r

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qdora::io::Checkpoint;
+use qdora::model::{Grads, Llama, StepOptions};
+use qdora::ops::Rng;
 
 /// Largest element-wise `|a − b|`; the lengths must agree.
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -49,4 +51,27 @@ pub fn small_token_data(dir: &Path) -> PathBuf {
     }
     std::fs::write(&data, text).unwrap();
     data
+}
+
+/// The mean loss of one batch over its predicted tokens (labels shifted, -100 ignored) and the
+/// gradients of that mean, as the PEFT fixtures hold them (no checkpointing, no dropout).
+pub fn mean_loss_and_grads(
+    m: &mut Llama,
+    ids: &[u32],
+    labels: &[i64],
+    b: usize,
+    t: usize,
+) -> (f64, Grads) {
+    let count = (0..b)
+        .map(|bi| (1..t).filter(|&i| labels[bi * t + i] != -100).count())
+        .sum::<usize>();
+    let opts = StepOptions {
+        gradient_checkpointing: false,
+        grad_scale: 1.0 / count as f32,
+    };
+    let (sum, n, grads) = m
+        .forward_backward(ids, labels, b, t, &opts, &mut Rng::new(0))
+        .unwrap();
+    assert_eq!(n, count, "tokens the loss counted");
+    (sum / n as f64, grads)
 }
