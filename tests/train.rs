@@ -10,6 +10,7 @@ use qdora::adapter::DoraDropout;
 use qdora::adapter::InitLoraWeights;
 use qdora::model::Proj;
 use qdora::model::StepOptions;
+use qdora::ops::bf16::ComputeDtype;
 use qdora::ops::Rng;
 use qdora::train::{build_model, Mode, TrainConfig};
 
@@ -83,14 +84,20 @@ fn every_mode_gives_every_trainable_tensor_a_gradient() {
 fn gradient_checkpointing_changes_nothing() {
     // Recomputation skips down_proj's product where backward does not need it (LoRA, full) and
     // redraws the dropout masks from their seeds: gradients must stay bit-identical.
-    for (mode, dora_dropout) in [
-        (Mode::Qdora, DoraDropout::Peft),
-        (Mode::Qdora, DoraDropout::LoraOnly),
-        (Mode::Qlora, DoraDropout::Peft),
-        (Mode::Full, DoraDropout::Peft),
+    // In bf16 the recomputed block keeps its activations in bf16 as the forward did.
+    for (mode, dora_dropout, compute_dtype) in [
+        (Mode::Qdora, DoraDropout::Peft, ComputeDtype::F32),
+        (Mode::Qdora, DoraDropout::LoraOnly, ComputeDtype::F32),
+        (Mode::Qlora, DoraDropout::Peft, ComputeDtype::F32),
+        (Mode::Full, DoraDropout::Peft, ComputeDtype::F32),
+        (Mode::Qdora, DoraDropout::Peft, ComputeDtype::Bf16),
+        (Mode::Qdora, DoraDropout::LoraOnly, ComputeDtype::Bf16),
+        (Mode::Dora, DoraDropout::Peft, ComputeDtype::Bf16),
+        (Mode::Lora, DoraDropout::Peft, ComputeDtype::Bf16),
     ] {
         let cfg = TrainConfig {
             mode,
+            compute_dtype,
             lora_dropout: 0.2,
             dora_dropout,
             init_lora_weights: InitLoraWeights::Random,
@@ -110,7 +117,7 @@ fn gradient_checkpointing_changes_nothing() {
         let (l2, _, g2) = run(&mut m, true);
         assert_eq!(l1, l2);
         for ((n1, a), (_, b)) in g1.iter().zip(&g2) {
-            assert_eq!(a, b, "{mode:?} {dora_dropout:?}: {n1}");
+            assert_eq!(a, b, "{mode:?} {dora_dropout:?} {compute_dtype:?}: {n1}");
         }
     }
 }

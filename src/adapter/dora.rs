@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::base::BaseWeight;
-use crate::ops::{self, uninit};
+use crate::ops::{self, uninit, Kept};
 
 /// Smallest norm divided by: rows of `W + sBA` that are exactly zero get `k = m / NORM_EPS`,
 /// which is 0 when `m` is 0 (their initial value), instead of NaN.
@@ -104,16 +104,16 @@ pub(super) struct DoraSaved {
     pub k: Vec<f32>,
     /// (out) the detached norm.
     pub norm: Vec<f32>,
-    /// (N, out) the term `k` multiplies (gradient of `m`).
-    pub z: Vec<f32>,
+    /// (N, out) the term `k` multiplies (gradient of `m`), rounded to bf16 in a bf16 run.
+    pub z: Kept,
     /// The base product also saw the dropped-out input (PEFT's form).
     pub base_dropout: bool,
 }
 
 impl DoraSaved {
     /// `(z, k)` where the layer's output is exactly `k⊙z` (no base dropout).
-    pub fn output_factors(&self) -> Option<(&[f32], &[f32])> {
-        (!self.base_dropout).then_some((self.z.as_slice(), self.k.as_slice()))
+    pub fn output_factors(&self) -> Option<(&Kept, &[f32])> {
+        (!self.base_dropout).then_some((&self.z, self.k.as_slice()))
     }
 }
 
@@ -152,9 +152,10 @@ pub(super) fn output_grads(
     let DoraSaved {
         k,
         norm,
-        mut z,
+        z,
         base_dropout,
     } = d;
+    let mut z = z.into_f32();
     assert!(dy.len() == n * out && z.len() == n * out, "DoRA dy/z shape");
     let block = out * ROWS;
     let partials: Vec<Vec<f32>> = z

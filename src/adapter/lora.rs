@@ -29,8 +29,9 @@ use super::base::BaseWeight;
 use super::config::InitLoraWeights;
 use super::dora::{self, DoraSaved};
 use super::dropout::Dropout;
+use crate::ops::bf16::ComputeDtype;
 use crate::ops::lowrank::{self, Input};
-use crate::ops::{self, Accum, MatMut, MatRef, Par, Rng};
+use crate::ops::{self, Accum, Kept, MatMut, MatRef, Par, Rng};
 
 /// LoRA or DoRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,8 +173,15 @@ impl LoraSaved {
     /// this state holds both; returns `(z, k)` so that a caller which keeps `y` for its own
     /// backward (the MLP's gate and up outputs) can rebuild it from here instead of holding
     /// the same numbers twice. `None` for LoRA and PEFT-form DoRA.
-    pub fn output_factors(&self) -> Option<(&[f32], &[f32])> {
+    pub fn output_factors(&self) -> Option<(&Kept, &[f32])> {
         self.dora.as_ref().and_then(DoraSaved::output_factors)
+    }
+
+    /// Keeps the saved activation (DoRA's `z`) as a run computing in `c` saves it: bf16 for
+    /// bf16. `u` (N, R) stays f32: it is small and feeds only f32 adapter products. Returns
+    /// the bytes `z` holds.
+    pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
+        self.dora.as_mut().map_or(0, |d| d.z.keep_in(c))
     }
 }
 
@@ -508,7 +516,7 @@ impl LoraAdapter {
         let saved = DoraSaved {
             k,
             norm,
-            z,
+            z: z.into(),
             base_dropout,
         };
         (

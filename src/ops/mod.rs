@@ -1,6 +1,7 @@
 //! The compute kernels under the layers, on plain `f32` slices: matrix views and products
 //! through the `gemm` crate, the attention core, the fused low-rank products, the dropout mask,
-//! transposed tiles, 8-lane vectors, and the scalar math they share.
+//! transposed tiles, 8-lane vectors, the activations kept for backward (f32 or bf16), and the
+//! scalar math they share.
 //!
 //! This module and `quant` are where `unsafe` lives (raw views for parallel writers, vector
 //! intrinsics, outputs allocated without zeroing); each use states its invariant. The layers
@@ -9,6 +10,7 @@
 pub mod attention;
 pub mod bands;
 pub mod bf16;
+mod kept;
 pub mod lanes;
 pub mod lowrank;
 pub mod mask;
@@ -19,6 +21,7 @@ mod rng;
 pub mod transpose;
 pub mod uninit;
 
+pub use kept::Kept;
 pub use mat::{
     gemm, matmul_ceiling_gflops, matmul_gflops, matmul_nn, matmul_nt, matmul_tn, threads, Accum,
     MatMut, MatRef, Par,

@@ -215,7 +215,7 @@ fn output_factors_rebuild_the_output_exactly() {
         assert!(exact, "{kind:?} {p} {where_:?}: factors where y ≠ k⊙z");
         let out = a.out_features();
         assert_eq!(z.len(), y.len());
-        for (i, (&y, &z)) in y.iter().zip(z).enumerate() {
+        for (i, (&y, &z)) in y.iter().zip(z.f32().iter()).enumerate() {
             assert_eq!(y.to_bits(), (k[i % out] * z).to_bits(), "element {i}");
         }
     }

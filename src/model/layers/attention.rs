@@ -12,7 +12,8 @@ use super::linear::{Linear, LinearGrads, LinearSaved};
 use super::rms_norm::{RmsNorm, RmsNormSaved};
 use super::rope::Rope;
 use crate::ops::attention::{self as core, Heads, Probs, Span};
-use crate::ops::{self, Rng};
+use crate::ops::bf16::ComputeDtype;
+use crate::ops::{self, Kept, Rng};
 
 /// Self-attention block of one decoder layer. Fields are named after checkpoint keys.
 #[derive(Debug, Clone)]
@@ -55,19 +56,44 @@ pub struct AttentionSaved {
     v_lin: LinearSaved,
     o_lin: LinearSaved,
     /// Qwen3: pre-norm q and k (N, H·Dh), (N, Hkv·Dh) and their norm state.
-    qk_norm: Option<(Vec<f32>, RmsNormSaved, Vec<f32>, RmsNormSaved)>,
-    /// (N, H·Dh) after RoPE.
+    qk_norm: Option<(Kept, RmsNormSaved, Kept, RmsNormSaved)>,
+    /// (N, H·Dh) after RoPE, f32.
     q: Vec<f32>,
-    /// (N, Hkv·Dh) after RoPE.
+    /// (N, Hkv·Dh) after RoPE, f32.
     k: Vec<f32>,
     /// (N, Hkv·Dh).
-    v: Vec<f32>,
-    /// The probabilities or their statistics.
+    v: Kept,
+    /// The probabilities (f32, as softmax computes them) or their statistics.
     probs: Probs,
     /// (N, H·Dh) input of o_proj.
-    ctx: Vec<f32>,
+    ctx: Kept,
     b: usize,
     t: usize,
+}
+
+impl AttentionSaved {
+    /// Keeps the saved activations as a run computing in `c` saves them (see [`Kept`]): `v`,
+    /// o_proj's input and the adapters' state. `q` and `k` stay f32 with the probabilities:
+    /// backward may replay the softmax from its statistics, which holds only for the scores
+    /// the forward took (the f32 `q·kᵀ`). Returns the bytes those activations hold.
+    pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
+        let lins: usize = [
+            &mut self.q_lin,
+            &mut self.k_lin,
+            &mut self.v_lin,
+            &mut self.o_lin,
+        ]
+        .into_iter()
+        .map(|l| l.keep_in(c))
+        .sum();
+        let qk = 4 * (self.q.len() + self.k.len());
+        let v_ctx = self.v.keep_in(c) + self.ctx.keep_in(c);
+        let norms = self
+            .qk_norm
+            .as_mut()
+            .map_or(0, |(q, _, k, _)| q.keep_in(c) + k.keep_in(c));
+        lins + qk + v_ctx + norms
+    }
 }
 
 /// Gradients of the attention block's trainable tensors.
@@ -193,7 +219,7 @@ impl Attention {
                 let (kk, sk) = kn.forward_train(&k);
                 let pre_q = std::mem::replace(&mut q, qq);
                 let pre_k = std::mem::replace(&mut k, kk);
-                Some((pre_q, sq, pre_k, sk))
+                Some((pre_q.into(), sq, pre_k.into(), sk))
             }
             _ => None,
         };
@@ -212,9 +238,9 @@ impl Attention {
                 qk_norm,
                 q,
                 k,
-                v,
+                v: v.into(),
                 probs,
-                ctx,
+                ctx: ctx.into(),
                 b,
                 t,
             },
@@ -248,9 +274,11 @@ impl Attention {
         } = saved;
         let n = b * t;
         let hd = self.heads();
-        let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx, dy, n);
+        let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx.f32(), dy, n);
         drop(ctx);
+        let v = v.f32();
         let (mut dq, mut dk, dv) = core::backward(&hd, (&q, &k, &v), &probs, &dctx, (b, t));
+        drop((q, k, v));
         let (h, hkv) = (hd.heads, hd.kv_heads);
         drop(probs);
         rope.apply(&mut dq, h, |i| i % t, true);
@@ -262,8 +290,8 @@ impl Attention {
         if let (Some((pre_q, sq, pre_k, sk)), Some(qn), Some(kn)) =
             (qk_norm, &self.q_norm, &self.k_norm)
         {
-            let (a, ga) = qn.backward(sq, &pre_q, &dq);
-            let (c, gc) = kn.backward(sk, &pre_k, &dk);
+            let (a, ga) = qn.backward(sq, &pre_q.f32(), &dq);
+            let (c, gc) = kn.backward(sk, &pre_k.f32(), &dk);
             dq = a;
             dk = c;
             grads.q_norm = ga;

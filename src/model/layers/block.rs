@@ -9,7 +9,8 @@ use super::mlp::{Mlp, MlpGrads, MlpSaved};
 use super::rms_norm::{RmsNorm, RmsNormSaved};
 use super::rope::Rope;
 use crate::model::params::Proj;
-use crate::ops::{self, Rng};
+use crate::ops::bf16::ComputeDtype;
+use crate::ops::{self, Kept, Rng};
 
 /// A decoder layer. Fields are named after checkpoint keys.
 #[derive(Debug, Clone)]
@@ -41,21 +42,34 @@ pub enum BlockSaved {
     },
 }
 
-/// All activations of one block.
+/// All activations of one block: f32, or bf16 where the block computes in bf16 (see
+/// [`Kept`]; the norms' statistics, attention's probabilities, `q` and `k` stay f32).
 pub struct FullSaved {
     /// (N, D) block input.
-    x: Vec<f32>,
+    x: Kept,
     n1: RmsNormSaved,
     /// (N, D) norm1 output (attention input).
-    a_in: Vec<f32>,
+    a_in: Kept,
     attn: AttentionSaved,
     /// (N, D) residual after attention.
-    h: Vec<f32>,
+    h: Kept,
     n2: RmsNormSaved,
     /// (N, D) norm2 output (MLP input).
-    m_in: Vec<f32>,
+    m_in: Kept,
     mlp: MlpSaved,
     n: usize,
+}
+
+impl FullSaved {
+    /// Keeps every saved activation as a run computing in `c` saves it; returns the bytes
+    /// they hold (not counting the norms' statistics and attention's probabilities).
+    fn keep_in(&mut self, c: ComputeDtype) -> usize {
+        let own: usize = [&mut self.x, &mut self.a_in, &mut self.h, &mut self.m_in]
+            .into_iter()
+            .map(|v| v.keep_in(c))
+            .sum();
+        own + self.attn.keep_in(c) + self.mlp.keep_in(c)
+    }
 }
 
 /// Gradients of a block's trainable tensors.
@@ -125,6 +139,13 @@ impl Block {
         }
     }
 
+    /// What the block's frozen products compute in, and so what its saved activations are
+    /// kept in: the projections share one dtype (`Llama::set_compute_dtype` sets them
+    /// together), and a trained weight is always f32.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.self_attn.q_proj.compute_dtype()
+    }
+
     /// Inference, optionally extending a KV cache.
     pub fn forward(
         &self,
@@ -147,8 +168,8 @@ impl Block {
         y
     }
 
-    /// The training forward keeping every activation backward reads; `pass` says whether the
-    /// output is wanted and whether attention keeps its probabilities.
+    /// The training forward keeping every activation backward reads (in f32, as computed);
+    /// `pass` says whether the output is wanted and whether attention keeps its probabilities.
     fn forward_full(
         &self,
         x: Vec<f32>,
@@ -176,13 +197,13 @@ impl Block {
         (
             y,
             FullSaved {
-                x,
+                x: x.into(),
                 n1,
-                a_in,
+                a_in: a_in.into(),
                 attn,
-                h,
+                h: h.into(),
                 n2,
-                m_in,
+                m_in: m_in.into(),
                 mlp,
                 n,
             },
@@ -203,18 +224,19 @@ impl Block {
         let pass = Pass::Forward {
             keep_probs: keep == Keep::All,
         };
-        let (y, full) = self.forward_full(x, (b, t), rope, &mut r, pass);
+        let (y, mut full) = self.forward_full(x, (b, t), rope, &mut r, pass);
         if keep == Keep::Input {
             (
                 y,
                 BlockSaved::Checkpointed {
-                    x: full.x,
+                    x: full.x.into_f32(),
                     rng,
                     b,
                     t,
                 },
             )
         } else {
+            let _bytes = full.keep_in(self.compute_dtype());
             (y, BlockSaved::Full(Box::new(full)))
         }
     }
@@ -233,8 +255,13 @@ impl Block {
         let full = match saved {
             BlockSaved::Full(f) => *f,
             BlockSaved::Checkpointed { x, mut rng, b, t } => {
-                self.forward_full(x, (b, t), rope, &mut rng, Pass::Recompute)
-                    .1
+                // kept as the forward would have kept them: the same gradients to the bit
+                // with or without checkpointing
+                let mut full = self
+                    .forward_full(x, (b, t), rope, &mut rng, Pass::Recompute)
+                    .1;
+                let _bytes = full.keep_in(self.compute_dtype());
+                full
             }
         };
         let FullSaved {
@@ -248,18 +275,20 @@ impl Block {
             mlp,
             n,
         } = full;
-        let (dm_in, g_mlp) = self.mlp.backward(mlp, &m_in, dy, n);
+        let (dm_in, g_mlp) = self.mlp.backward(mlp, &m_in.f32(), dy, n);
         drop(m_in);
-        let (dh_norm, g_n2) = self.post_attention_layernorm.backward(n2, &h, &dm_in);
+        let (dh_norm, g_n2) = self.post_attention_layernorm.backward(n2, &h.f32(), &dm_in);
         drop(h);
         let mut dh = dh_norm;
         ops::add_assign(&mut dh, dy);
         let need_da = need_dx || self.input_layernorm.train;
-        let (da_in, g_attn) = self.self_attn.backward(attn, &a_in, &dh, rope, need_da);
+        let (da_in, g_attn) = self
+            .self_attn
+            .backward(attn, &a_in.f32(), &dh, rope, need_da);
         drop(a_in);
         let (mut dx, mut g_n1) = (None, None);
         if let Some(da_in) = da_in {
-            let (mut d, g) = self.input_layernorm.backward(n1, &x, &da_in);
+            let (mut d, g) = self.input_layernorm.backward(n1, &x.f32(), &da_in);
             ops::add_assign(&mut d, &dh);
             g_n1 = g;
             dx = need_dx.then_some(d);
@@ -284,6 +313,7 @@ mod tests {
     };
     use crate::model::config::RopeScaling;
     use crate::model::layers::linear::LinearGrads;
+    use crate::model::params::Proj;
 
     fn adapted(out: usize, inp: usize, kind: AdapterKind, rng: &mut Rng) -> Linear {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() * 0.3).collect();
@@ -325,6 +355,91 @@ mod tests {
                 up_proj: adapted(f, d, kind, rng),
                 down_proj: adapted(d, f, kind, rng),
             },
+        }
+    }
+
+    /// A block computing in bf16 keeps its saved activations in bf16: half the bytes of the
+    /// f32 one's for the block input, norm outputs, residual, `v`, context, DoRA's `z` of each
+    /// projection, and the MLP's gate/up outputs where not held as factors; `q` and `k` stay
+    /// f32 (a softmax replayed from its statistics needs the forward's scores). Its
+    /// gradients, from the rounded activations, stay within bf16's reach of the f32 ones
+    /// (2⁻⁸ relative per value, a few of them through each product: 3 % of the norm),
+    /// and are not the f32 ones (the rounding took place).
+    #[test]
+    fn a_bf16_block_keeps_its_activations_in_half_the_bytes() {
+        let (b, t, d, qd, f) = (2, 5, 8, 8, 12);
+        let n = b * t;
+        for kind in [AdapterKind::Lora, AdapterKind::Dora] {
+            let mut rng = Rng::new(23);
+            let f32_blk = block(kind, &mut rng);
+            let mut bf16_blk = f32_blk.clone();
+            for p in Proj::ALL {
+                bf16_blk
+                    .linear_mut(p)
+                    .weight
+                    .set_compute_dtype(ComputeDtype::Bf16);
+            }
+            assert_eq!(bf16_blk.compute_dtype(), ComputeDtype::Bf16);
+            let mut rope = Rope::new(4, 10000.0, RopeScaling::Default);
+            rope.ensure(t);
+            let x: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+            let dy: Vec<f32> = (0..n * d).map(|_| rng.normal()).collect();
+            let pass = Pass::Forward { keep_probs: true };
+            let bytes = |blk: &Block, c: ComputeDtype| {
+                let (_, mut full) =
+                    blk.forward_full(x.clone(), (b, t), &rope, &mut Rng::new(9), pass);
+                full.keep_in(c)
+            };
+            // 4 (N, D) block tensors, v and ctx, g and u (PEFT-form DoRA with dropout holds
+            // no factors); DoRA: z of every projection; and q, k in f32
+            let mut rounded = n * (4 * d + 2 * qd + 2 * f);
+            if kind == AdapterKind::Dora {
+                rounded += n * (3 * qd + d + 2 * f + d);
+            }
+            let qk = 4 * n * 2 * qd;
+            assert_eq!(
+                bytes(&f32_blk, ComputeDtype::F32),
+                4 * rounded + qk,
+                "{kind:?}"
+            );
+            assert_eq!(
+                bytes(&bf16_blk, ComputeDtype::F32),
+                4 * rounded + qk,
+                "{kind:?}"
+            );
+            assert_eq!(
+                bytes(&bf16_blk, ComputeDtype::Bf16),
+                2 * rounded + qk,
+                "{kind:?}"
+            );
+            // the same bf16 weights, activations kept in f32 or in bf16
+            let grads = |c: ComputeDtype| {
+                let (_, mut full) =
+                    bf16_blk.forward_full(x.clone(), (b, t), &rope, &mut Rng::new(9), pass);
+                full.keep_in(c);
+                bf16_blk.backward(BlockSaved::Full(Box::new(full)), &dy, &rope, true)
+            };
+            let (dx32, g32) = grads(ComputeDtype::F32);
+            let (dx16, g16) = grads(ComputeDtype::Bf16);
+            let rel = |a: &[f32], b: &[f32]| {
+                let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+                (diff / norm).sqrt()
+            };
+            let (dx32, dx16) = (dx32.expect("dx"), dx16.expect("dx"));
+            let r = rel(&dx32, &dx16);
+            assert!(r > 0.0 && r < 0.03, "{kind:?}: dx moved by {r:e}");
+            for (a, c) in bits(&g32.mlp.up_proj).iter().zip(bits(&g16.mlp.up_proj)) {
+                let (a, c): (Vec<f32>, Vec<f32>) = (
+                    a.iter().map(|&v| f32::from_bits(v)).collect(),
+                    c.iter().map(|&v| f32::from_bits(v)).collect(),
+                );
+                let r = rel(&a, &c);
+                assert!(
+                    r > 0.0 && r < 0.03,
+                    "{kind:?}: up_proj gradient moved by {r:e}"
+                );
+            }
         }
     }
 

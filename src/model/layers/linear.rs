@@ -7,7 +7,8 @@
 use rayon::prelude::*;
 
 use crate::adapter::{BaseWeight, LoraAdapter, LoraGrads, LoraSaved};
-use crate::ops::{self, Rng};
+use crate::ops::bf16::ComputeDtype;
+use crate::ops::{self, Kept, Rng};
 
 /// A Linear layer.
 #[derive(Debug, Clone)]
@@ -27,6 +28,14 @@ pub struct Linear {
 /// Saved by [`Linear::forward_train`] (the input `x` itself is kept by the caller).
 pub struct LinearSaved {
     lora: Option<LoraSaved>,
+}
+
+impl LinearSaved {
+    /// Keeps the saved activations as a run computing in `c` saves them (see [`Kept`]);
+    /// returns the bytes they hold.
+    pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
+        self.lora.as_mut().map_or(0, |l| l.keep_in(c))
+    }
 }
 
 /// Gradients of a Linear's trainable tensors.
@@ -50,6 +59,12 @@ impl Linear {
             train_weight: false,
             train_bias: false,
         }
+    }
+
+    /// What the frozen weight's products compute in (and so how activations around them are
+    /// kept for backward).
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.weight.compute_dtype()
     }
 
     /// Output features.
@@ -119,7 +134,7 @@ impl Linear {
 
     /// The output of [`forward_train`](Self::forward_train) as factors its saved state already
     /// holds: `(z, k)` with `y[i, o] = k[o]·z[i, o]` (DoRA without base dropout, no bias).
-    pub fn output_factors<'a>(&self, saved: &'a LinearSaved) -> Option<(&'a [f32], &'a [f32])> {
+    pub fn output_factors<'a>(&self, saved: &'a LinearSaved) -> Option<(&'a Kept, &'a [f32])> {
         if self.bias.is_some() {
             return None;
         }

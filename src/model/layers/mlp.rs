@@ -4,10 +4,13 @@
 //! `dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))`, `du = dh ⊙ a`, `dx = gate.backward(dg) + up.backward(du)`.
 //! Shapes: x (N, D), g/u/h (N, F).
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::linear::{Linear, LinearGrads, LinearSaved};
-use crate::ops::{self, uninit, Rng};
+use crate::ops::bf16::ComputeDtype;
+use crate::ops::{self, uninit, Kept, Rng};
 
 /// The feed-forward block of one decoder layer.
 #[derive(Debug, Clone)]
@@ -27,10 +30,27 @@ pub struct MlpSaved {
     down: LinearSaved,
     /// (N, F) gate pre-activation; `None` where gate_proj's saved state rebuilds it
     /// ([`Linear::output_factors`]: DoRA holds `z` and `k` with `g = k⊙z` anyway).
-    g: Option<Vec<f32>>,
+    g: Option<Kept>,
     /// (N, F) up output, the same way. (down_proj's input `silu(g)⊙u` is recomputed in
     /// backward.)
-    u: Option<Vec<f32>>,
+    u: Option<Kept>,
+}
+
+impl MlpSaved {
+    /// Keeps the saved activations as a run computing in `c` saves them (see [`Kept`]);
+    /// returns the bytes they hold.
+    pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
+        let lins: usize = [&mut self.gate, &mut self.up, &mut self.down]
+            .into_iter()
+            .map(|l| l.keep_in(c))
+            .sum();
+        let kept: usize = [&mut self.g, &mut self.u]
+            .into_iter()
+            .flatten()
+            .map(|v| v.keep_in(c))
+            .sum();
+        lins + kept
+    }
 }
 
 /// An (N, F) activation as columns-scaled values `v[i, c]·k[c]`: the saved activation itself
@@ -41,7 +61,15 @@ struct Scaled<'a> {
     k: &'a [f32],
 }
 
-impl<'a> Scaled<'a> {
+/// An (N, F) activation in f32 as [`Scaled`] reads it: `v` lent by the caller or widened from
+/// the factor DoRA kept in bf16.
+struct Held<'a> {
+    v: Cow<'a, [f32]>,
+    k: &'a [f32],
+}
+
+impl<'a> Held<'a> {
+    /// The activation itself when `kept` (with `k` = `ones`), else `lin`'s factors.
     fn of(
         kept: &'a Option<Vec<f32>>,
         lin: &Linear,
@@ -49,13 +77,23 @@ impl<'a> Scaled<'a> {
         ones: &'a [f32],
     ) -> Self {
         match kept {
-            Some(v) => Scaled { v, k: ones },
+            Some(v) => Held {
+                v: Cow::Borrowed(v),
+                k: ones,
+            },
             None => {
-                let (v, k) = lin
+                let (z, k) = lin
                     .output_factors(saved)
                     .expect("an MLP activation not kept is held as factors");
-                Scaled { v, k }
+                Held { v: z.f32(), k }
             }
+        }
+    }
+
+    fn scaled(&self) -> Scaled<'_> {
+        Scaled {
+            v: &self.v,
+            k: self.k,
         }
     }
 }
@@ -163,8 +201,8 @@ impl Mlp {
         let (u, up) = self.up_proj.forward_train_factored(x, n, rng);
         let ones = vec![1f32; self.gate_proj.out_features()];
         let h = swiglu_scaled(
-            Scaled::of(&g, &self.gate_proj, &gate, &ones),
-            Scaled::of(&u, &self.up_proj, &up, &ones),
+            Held::of(&g, &self.gate_proj, &gate, &ones).scaled(),
+            Held::of(&u, &self.up_proj, &up, &ones).scaled(),
             ones.len(),
         );
         let (y, down) = if need_output {
@@ -178,8 +216,8 @@ impl Mlp {
                 gate,
                 up,
                 down,
-                g,
-                u,
+                g: g.map(Kept::from),
+                u: u.map(Kept::from),
             },
         )
     }
@@ -201,9 +239,12 @@ impl Mlp {
         } = saved;
         let f = self.gate_proj.out_features();
         let ones = vec![1f32; f];
-        let gs = Scaled::of(&g, &self.gate_proj, &gate, &ones);
-        let us = Scaled::of(&u, &self.up_proj, &up, &ones);
-        let h = swiglu_scaled(gs, us, f);
+        let (g, u) = (g.map(Kept::into_f32), u.map(Kept::into_f32));
+        let h = swiglu_scaled(
+            Held::of(&g, &self.gate_proj, &gate, &ones).scaled(),
+            Held::of(&u, &self.up_proj, &up, &ones).scaled(),
+            f,
+        );
         let (dh, gd) = self.down_proj.backward(down, &h, dy, n);
         drop(h);
         let (dg, du) = match (g, u) {
@@ -222,9 +263,9 @@ impl Mlp {
             }
             // Held as factors (they stay for the adapters' backward): dg over dh, du new.
             (g, u) => {
-                let gs = Scaled::of(&g, &self.gate_proj, &gate, &ones);
-                let us = Scaled::of(&u, &self.up_proj, &up, &ones);
-                swiglu_grads_scaled(gs, us, dh, f)
+                let gs = Held::of(&g, &self.gate_proj, &gate, &ones);
+                let us = Held::of(&u, &self.up_proj, &up, &ones);
+                swiglu_grads_scaled(gs.scaled(), us.scaled(), dh, f)
             }
         };
         let (mut dx, gg) = self.gate_proj.backward(gate, x, &dg, n);
