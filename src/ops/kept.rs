@@ -9,11 +9,8 @@
 
 use std::borrow::Cow;
 
+use super::bf16::{round_slice, widen_slice, ComputeDtype};
 use half::bf16;
-use rayon::prelude::*;
-
-use super::bf16::ComputeDtype;
-use super::par::PAR_CHUNK;
 
 /// An activation saved for backward.
 #[derive(Debug, Clone)]
@@ -62,7 +59,7 @@ impl Kept {
     /// f32 buffer is freed), unchanged for f32. Never widens back. Returns the bytes held.
     pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
         if let (Kept::F32(v), true) = (&*self, c.is_bf16()) {
-            *self = Kept::Bf16(round(v));
+            *self = Kept::Bf16(round_slice(v));
         }
         self.bytes()
     }
@@ -71,7 +68,7 @@ impl Kept {
     pub fn f32(&self) -> Cow<'_, [f32]> {
         match self {
             Kept::F32(v) => Cow::Borrowed(v),
-            Kept::Bf16(v) => Cow::Owned(widen(v)),
+            Kept::Bf16(v) => Cow::Owned(widen_slice(v)),
         }
     }
 
@@ -79,88 +76,20 @@ impl Kept {
     pub fn into_f32(self) -> Vec<f32> {
         match self {
             Kept::F32(v) => v,
-            Kept::Bf16(v) => widen(&v),
+            Kept::Bf16(v) => widen_slice(&v),
         }
     }
-}
-
-/// Rounds to bf16, to nearest even, in parallel over fixed chunks. Branch-free (NaN through a
-/// select), so the loop vectorizes; the same bits as `half`'s `bf16::from_f32`.
-fn round(v: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; v.len()];
-    out.par_chunks_mut(PAR_CHUNK)
-        .zip(v.par_chunks(PAR_CHUNK))
-        .for_each(|(o, s)| {
-            for (o, &x) in o.iter_mut().zip(s) {
-                *o = bf16::from_bits(round_bits(x));
-            }
-        });
-    out
-}
-
-/// `x` rounded to bf16 bits (nearest even; a NaN stays a quiet NaN of the same sign).
-#[inline(always)]
-fn round_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-    if nan {
-        (b >> 16) as u16 | 0x0040
-    } else {
-        rounded
-    }
-}
-
-/// Widens bf16 to f32 (exact), in parallel over fixed chunks.
-fn widen(v: &[bf16]) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(PAR_CHUNK)
-        .zip(v.par_chunks(PAR_CHUNK))
-        .for_each(|(o, s)| {
-            for (o, h) in o.iter_mut().zip(s) {
-                *o = f32::from_bits((h.to_bits() as u32) << 16);
-            }
-        });
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The branch-free rounding gives `half`'s bits on every exponent, both signs, the ties
-    /// (even and odd), the largest finite values (which round to infinity), infinities,
-    /// subnormals and NaNs.
-    #[test]
-    fn rounding_matches_half_bit_for_bit() {
-        let mut patterns: Vec<u32> = Vec::new();
-        for hi in 0..=0xffffu32 {
-            for lo in [0, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000, 0x1234] {
-                patterns.push(hi << 16 | lo);
-            }
-        }
-        let mut s = 0x9e37_79b9u32;
-        for _ in 0..1 << 18 {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            patterns.push(s);
-        }
-        for b in patterns {
-            let x = f32::from_bits(b);
-            assert_eq!(
-                round_bits(x),
-                bf16::from_f32(x).to_bits(),
-                "{b:#010x} ({x:e})"
-            );
-        }
-    }
-
     /// f32 stays f32 and is lent, not copied; bf16 holds the rounded values, widened back
     /// exactly, in half the bytes; keeping in f32 or twice changes nothing.
     #[test]
     fn keeps_in_the_compute_dtype() {
-        let v: Vec<f32> = (0..PAR_CHUNK * 2 + 7)
+        let v: Vec<f32> = (0..(1 << 15) + 7)
             .map(|i| (i as f32 * 0.37).sin() * 1e3)
             .collect();
         let mut k = Kept::from(v.clone());

@@ -236,7 +236,7 @@ impl Block {
                 },
             )
         } else {
-            let _bytes = full.keep_in(self.compute_dtype());
+            full.keep_in(self.compute_dtype());
             (y, BlockSaved::Full(Box::new(full)))
         }
     }
@@ -260,7 +260,7 @@ impl Block {
                 let mut full = self
                     .forward_full(x, (b, t), rope, &mut rng, Pass::Recompute)
                     .1;
-                let _bytes = full.keep_in(self.compute_dtype());
+                full.keep_in(self.compute_dtype());
                 full
             }
         };

@@ -236,3 +236,27 @@ fn weight_products_match_the_f64_product() {
         }
     }
 }
+
+/// `to_bits` (branch-free) gives `half`'s bits on every exponent, both signs, the ties
+/// (even and odd), the largest finite values (which round to infinity), infinities,
+/// subnormals and NaNs.
+#[test]
+fn rounding_matches_half_bit_for_bit() {
+    let mut patterns: Vec<u32> = Vec::new();
+    for hi in 0..=0xffffu32 {
+        for lo in [0, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000, 0x1234] {
+            patterns.push(hi << 16 | lo);
+        }
+    }
+    let mut s = 0x9e37_79b9u32;
+    for _ in 0..1 << 18 {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        patterns.push(s);
+    }
+    for b in patterns {
+        let x = f32::from_bits(b);
+        assert_eq!(to_bits(x), bf16::from_f32(x).to_bits(), "{b:#010x} ({x:e})");
+    }
+}
