@@ -3,11 +3,14 @@
 //!
 //! An operand is anything that can hand out its elements as bf16 in pairs along the reduction
 //! axis ([`PairRows`]): an f32 view (rounded to nearest even as it is read), a bf16 view
-//! ([`Bf16Ref`]), or a 4-bit weight (decoded straight into bf16 by `quant`). Three kernel sets
+//! ([`Bf16Ref`]), or a 4-bit weight (decoded straight into bf16 by `quant`). Four kernel sets
 //! compute the product ([`Bf16Kernel`]), chosen at run time:
 //!
+//! - `amx`: AMX tiles (`tdpbf16ps`, Sapphire Rapids and later), 2 × 2 tiles of 16 × 16 sums
+//!   per step — several times the f32 FMA's rate where the CPU has them;
 //! - `avx512bf16`: packed pair panels and a 12 × 32 register tile of `vdpbf16ps`, 32
-//!   multiply-adds per instruction — twice the f32 FMA's;
+//!   multiply-adds per instruction — twice the f32 FMA's on Zen 4/5, but half of it on the
+//!   Intel cores measured (one `vdpbf16ps` per two cycles), which is why AMX comes first;
 //! - `avx512f`: the same panels and tile with each pair product done as two f32 FMAs (AVX-512
 //!   CPUs without BF16: it runs the native kernel's packing and tiling on every such machine,
 //!   which is how they are tested where `vdpbf16ps` is missing);
@@ -23,6 +26,7 @@ use rayon::prelude::*;
 
 use super::mat::{covers, gemm, Accum, MatMut, MatRef, Par};
 
+mod amx;
 mod packed;
 #[cfg(test)]
 mod tests;
@@ -30,6 +34,8 @@ mod tests;
 /// Which kernels compute the bf16 products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {
+    /// AMX tiles with `tdpbf16ps` (Sapphire Rapids and later Xeons).
+    Amx,
     /// AVX512_BF16 `vdpbf16ps` (Zen 4/5, Cooper Lake, Sapphire Rapids and later).
     Avx512Bf16,
     /// The native kernel's panels and tile, pair products as two AVX-512F FMAs.
@@ -40,11 +46,12 @@ pub enum Bf16Kernel {
 
 impl Bf16Kernel {
     /// Every kernel set, fastest first.
-    pub const ALL: [Bf16Kernel; 3] = [Self::Avx512Bf16, Self::Avx512F, Self::Portable];
+    pub const ALL: [Bf16Kernel; 4] = [Self::Amx, Self::Avx512Bf16, Self::Avx512F, Self::Portable];
 
     /// The name printed at start and written to `summary.json`.
     pub fn name(self) -> &'static str {
         match self {
+            Self::Amx => "amx",
             Self::Avx512Bf16 => "avx512bf16",
             Self::Avx512F => "avx512f",
             Self::Portable => "portable",
@@ -60,6 +67,7 @@ impl Bf16Kernel {
     pub fn available(self) -> bool {
         match self {
             Self::Portable => true,
+            Self::Amx => amx::available(),
             #[cfg(target_arch = "x86_64")]
             Self::Avx512F => std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
@@ -74,12 +82,13 @@ impl Bf16Kernel {
 
     /// Whether the CPU has native bf16 dot products (what `compute_dtype = "auto"` asks).
     pub fn native_available() -> bool {
-        Self::Avx512Bf16.available()
+        Self::Amx.available() || Self::Avx512Bf16.available()
     }
 
     /// The kernel set bf16 products use in this process: `QDORA_BF16_KERNEL` when it names an
-    /// available set, else `avx512bf16` where the CPU has it, else `portable` (on AVX-512F
-    /// without BF16 the two FMAs per pair lose to gemm's f32 kernels; see docs/PERFORMANCE.md).
+    /// available set, else `amx`, else `avx512bf16` where the CPU has it, else `portable` (on
+    /// AVX-512F without BF16 the two FMAs per pair lose to gemm's f32 kernels; see
+    /// docs/PERFORMANCE.md).
     pub fn selected() -> Self {
         static SELECTED: OnceLock<Bf16Kernel> = OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -92,15 +101,14 @@ impl Bf16Kernel {
                     ),
                     None => tracing::warn!(
                         value = %name,
-                        "QDORA_BF16_KERNEL is not avx512bf16, avx512f or portable; ignored"
+                        "QDORA_BF16_KERNEL is not amx, avx512bf16, avx512f or portable; ignored"
                     ),
                 }
             }
-            if Self::Avx512Bf16.available() {
-                Self::Avx512Bf16
-            } else {
-                Self::Portable
-            }
+            [Self::Amx, Self::Avx512Bf16]
+                .into_iter()
+                .find(|k| k.available())
+                .unwrap_or(Self::Portable)
         })
     }
 }
@@ -376,6 +384,7 @@ pub fn gemm_bf16_with(
     }
     match kernel {
         Bf16Kernel::Portable => portable(dst, acc, lhs_t, rhs, scale, par),
+        Bf16Kernel::Amx => amx::gemm(dst, acc, lhs_t, rhs, scale, par),
         _ => packed::gemm(kernel, dst, acc, lhs_t, rhs, scale, par),
     }
 }

@@ -168,7 +168,9 @@ unsafe fn run_tile(kernel: Bf16Kernel, t: &Tile<'_>) {
         match kernel {
             Bf16Kernel::Avx512Bf16 => x86::tile_bf16(t),
             Bf16Kernel::Avx512F => x86::tile_fma(t),
-            Bf16Kernel::Portable => unreachable!("the portable route does not pack"),
+            Bf16Kernel::Portable | Bf16Kernel::Amx => {
+                unreachable!("the portable and AMX routes do not take register tiles")
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

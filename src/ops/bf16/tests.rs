@@ -8,6 +8,7 @@
 
 use half::bf16;
 
+use super::amx::{KCQ, MB, NB, QP};
 use super::packed::{KCP, MR, NR};
 use super::*;
 use crate::ops::Rng;
@@ -92,6 +93,13 @@ fn shapes() -> Vec<(usize, usize, usize)> {
         (7, 17 * NR + 9, 65),
         (8 * MR + 1, 40, 130),
         (200, 33, 40),
+        // AMX: partial and whole 32 × 32 blocks, partial 16-pair steps, several blocks of
+        // KCQ steps
+        (MB - 1, NB + 1, 2 * QP + 1),
+        (MB, NB, 2 * QP),
+        (MB + 1, 2 * NB - 1, 2 * QP * KCQ + 3),
+        (3 * MB + 17, 5 * NB + 7, 4 * QP * KCQ + 66),
+        (16, 16, 4 * QP - 1),
     ]);
     s
 }
@@ -116,7 +124,7 @@ fn every_kernel_set_matches_the_f64_product() {
     }
 }
 
-/// Packed kernels against the portable route element by element (the bound of two different
+/// Native kernels against the portable route element by element (the bound of two different
 /// summation orders of the same exact products).
 #[test]
 fn packed_kernels_agree_with_portable() {
@@ -140,7 +148,7 @@ fn packed_kernels_agree_with_portable() {
     let reference = run(Bf16Kernel::Portable);
     let gamma = 2.0 * (k + 3) as f32 * f32::EPSILON;
     let mut ran = 0;
-    for kernel in [Bf16Kernel::Avx512Bf16, Bf16Kernel::Avx512F] {
+    for kernel in [Bf16Kernel::Amx, Bf16Kernel::Avx512Bf16, Bf16Kernel::Avx512F] {
         if !kernel.available() {
             println!("skipped: {} not available on this CPU", kernel.name());
             continue;
@@ -163,7 +171,7 @@ fn packed_kernels_agree_with_portable() {
             }
         }
     }
-    println!("{ran} packed kernel set(s) compared with portable");
+    println!("{ran} native kernel set(s) compared with portable");
 }
 
 #[test]
