@@ -129,6 +129,19 @@ impl<'a> MatRef<'a> {
     pub fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.rs + j * self.cs]
     }
+
+    /// Rows `i0..i0 + len` of column `j` as one slice, where rows are adjacent in memory (row
+    /// stride 1, as in a transposed row-major matrix); `None` otherwise.
+    ///
+    /// # Panics
+    /// If the range is outside the view.
+    pub fn column_run(&self, j: usize, i0: usize, len: usize) -> Option<&'a [f32]> {
+        assert!(
+            i0 + len <= self.rows && j < self.cols,
+            "column_run outside the view"
+        );
+        (self.rs == 1).then(|| &self.data[j * self.cs + i0..][..len])
+    }
 }
 
 /// A row-major `rows × cols` output block (rows `row_stride` apart) over initialized floats or

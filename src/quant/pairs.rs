@@ -34,18 +34,49 @@ impl<'a> Nf4Pairs<'a> {
         }
     }
 
-    /// Decodes `out.len()` elements of W from flat index `start` on, as f32 bf16-ready values.
+    /// The 16 values of block `b` as bf16 bits: `code · absmax`, rounded to the stored dtype,
+    /// then to bf16 (what `dequantize_4bit` returns, read in bf16), computed once per block of
+    /// codes instead of once per element.
     #[inline]
-    fn decode(&self, start: usize, out: &mut [f32]) {
-        let (packed, code, absmax) = (self.w.packed, self.w.code, self.w.absmax);
-        for (t, o) in out.iter_mut().enumerate() {
-            let i = start + t;
-            let b = packed[i >> 1];
-            let nib = if i & 1 == 0 { b >> 4 } else { b & 0x0f };
-            *o = code[nib as usize] * absmax[i >> self.shift];
+    fn block_bits(&self, b: usize) -> [u16; 16] {
+        let a = self.w.absmax[b];
+        let mut v: [f32; 16] = std::array::from_fn(|n| self.w.code[n] * a);
+        // bf16 twice is bf16 once: only f16 needs its own rounding first
+        if self.dtype == Dtype::F16 {
+            v.iter_mut().for_each(|x| *x = Dtype::F16.round(*x));
         }
-        if self.dtype != Dtype::F32 {
-            out.iter_mut().for_each(|v| *v = self.dtype.round(*v));
+        v.map(to_bits)
+    }
+
+    /// Decodes `out.len()` elements from flat index `start` on as bf16 bits, one block table at
+    /// a time and, within a block, a byte (two codes, high nibble first) at a time.
+    fn decode_bits(&self, start: usize, out: &mut [u16]) {
+        let packed = self.w.packed;
+        let mut i = start;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let block = i >> self.shift;
+            let end = ((block + 1) << self.shift).min(i + rest.len());
+            let table = self.block_bits(block);
+            let (seg, tail) = std::mem::take(&mut rest).split_at_mut(end - i);
+            rest = tail;
+            let seg = if i & 1 == 1 {
+                seg[0] = table[(packed[i >> 1] & 0x0f) as usize];
+                i += 1;
+                &mut seg[1..]
+            } else {
+                seg
+            };
+            let (two, last) = seg.split_at_mut(seg.len() & !1);
+            let bytes = &packed[i >> 1..][..two.len() / 2];
+            for (o, &b) in two.chunks_exact_mut(2).zip(bytes) {
+                o[0] = table[(b >> 4) as usize];
+                o[1] = table[(b & 0x0f) as usize];
+            }
+            if let Some(o) = last.first_mut() {
+                *o = table[(packed[(i + two.len()) >> 1] >> 4) as usize];
+            }
+            i = end;
         }
     }
 }
@@ -69,9 +100,9 @@ impl PairRows for Nf4Pairs<'_> {
 
     fn bits(&self, i: usize, j: usize) -> u16 {
         let (r, c) = if self.transposed { (j, i) } else { (i, j) };
-        let mut v = [0f32];
-        self.decode(r * self.w.cols + c, &mut v);
-        to_bits(v[0])
+        let mut v = [0u16];
+        self.decode_bits(r * self.w.cols + c, &mut v);
+        v[0]
     }
 
     fn pack_pairs(
@@ -86,34 +117,33 @@ impl PairRows for Nf4Pairs<'_> {
         let (rows, cols) = (self.rows(), self.w.cols);
         let out = &mut out[..kp * width];
         out.fill(0);
-        let pair = |lo: f32, hi: f32| to_bits(lo) as u32 | (to_bits(hi) as u32) << 16;
         if self.transposed {
             // Wᵀ's column j is W's row j0 + j: one run of 2·kp codes along it.
             let len = (2 * kp).min(rows.saturating_sub(k0));
-            let mut run = vec![0f32; 2 * kp];
+            let mut run = vec![0u16; 2 * kp];
             for j in 0..nj {
-                self.decode((j0 + j) * cols + k0, &mut run[..len]);
-                run[len..].fill(0.0);
+                self.decode_bits((j0 + j) * cols + k0, &mut run[..len]);
+                run[len..].fill(0);
                 for (p, v) in run.chunks_exact(2).enumerate() {
-                    out[p * width + j] = pair(v[0], v[1]);
+                    out[p * width + j] = v[0] as u32 | (v[1] as u32) << 16;
                 }
             }
         } else {
             // W's rows k0 + 2p and k0 + 2p + 1, columns j0..j0 + nj.
-            let (mut lo, mut hi) = (vec![0f32; nj], vec![0f32; nj]);
+            let (mut lo, mut hi) = (vec![0u16; nj], vec![0u16; nj]);
             for p in 0..kp {
                 let r = k0 + 2 * p;
                 if r >= rows {
                     break;
                 }
-                self.decode(r * cols + j0, &mut lo);
+                self.decode_bits(r * cols + j0, &mut lo);
                 if r + 1 < rows {
-                    self.decode((r + 1) * cols + j0, &mut hi);
+                    self.decode_bits((r + 1) * cols + j0, &mut hi);
                 } else {
-                    hi.fill(0.0);
+                    hi.fill(0);
                 }
-                for j in 0..nj {
-                    out[p * width + j] = pair(lo[j], hi[j]);
+                for (o, (&l, &h)) in out[p * width..][..nj].iter_mut().zip(lo.iter().zip(&hi)) {
+                    *o = l as u32 | (h as u32) << 16;
                 }
             }
         }
@@ -150,6 +180,17 @@ mod tests {
                 .iter()
                 .map(|&v| to_bits(v))
                 .collect();
+            // runs that start and end mid-byte and mid-block
+            let flat = Nf4Pairs::new(q.view(), dtype, false);
+            for (start, len) in [(1, 7), (63, 3), (5, 130), (0, 129), (64, 64)] {
+                let mut got = vec![0u16; len];
+                flat.decode_bits(start, &mut got);
+                assert_eq!(
+                    got,
+                    want[start..start + len],
+                    "{qt:?} {dtype:?} run {start}+{len}"
+                );
+            }
             for transposed in [false, true] {
                 let p = Nf4Pairs::new(q.view(), dtype, transposed);
                 let (rows, cols) = (p.rows(), p.cols());

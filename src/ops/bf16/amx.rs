@@ -8,7 +8,7 @@
 //! pairs — the most the eight registers allow.
 //!
 //! Packing, both as bf16 pairs along the reduction axis (one `u32` per pair, the lower row in
-//! the low half, as [`PairRows::pack_pairs`] writes them): the left operand whole, in panels of
+//! the low half, as [`PairRows`] writes them): the left operand whole, in panels of
 //! [`MB`] rows, each a run of 16-pair chunks stored row-major (`[chunk][row][16 pairs]`, so a
 //! left tile is 1 KiB with rows 64 bytes apart); the right one per task and reduction block,
 //! panels of [`NB`] columns (`[pair][column]`, so a right tile is 16 pairs with rows 128 bytes
@@ -19,7 +19,9 @@
 //! Linux grants a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`),
 //! which [`available`] makes once; a CPU or kernel without it keeps the other kernel sets.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
+use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
@@ -118,17 +120,11 @@ pub(super) fn gemm(
         _ => 1,
     };
     let panel_len = chunks * QP * MB;
-    let mut apack = vec![0u32; mpan * panel_len];
+    let mut apack = take_buffer(&A_BUFFER, mpan * panel_len);
     let pack_a = |(ip, panel): (usize, &mut [u32])| {
         let i0 = ip * MB;
-        let mut pairs = [0u32; QP * MB];
         for (q, tile) in panel.chunks_exact_mut(QP * MB).enumerate() {
-            lhs_t.pack_pairs(2 * QP * q, QP, i0, MB.min(m - i0), MB, &mut pairs);
-            for (p, row) in pairs.chunks_exact(MB).enumerate() {
-                for (r, &v) in row.iter().enumerate() {
-                    tile[r * QP + p] = v;
-                }
-            }
+            lhs_t.pack_pairs_by_column(2 * QP * q, QP, i0, MB.min(m - i0), MB, tile);
         }
     };
     if threads > 1 {
@@ -148,12 +144,12 @@ pub(super) fn gemm(
     let tasks_m = mpan.div_ceil(per_m);
     let (ptr, rs) = dst.raw();
     let out = Out { ptr, rs };
-    let apack = &apack;
+    let a_panels = &apack;
     let task = |t: usize| {
         let (jp0, ip0) = ((t % tasks_n) * per_n, (t / tasks_n) * per_m);
         let (jp1, ip1) = ((jp0 + per_n).min(npan), (ip0 + per_m).min(mpan));
         let block = KCQ.min(chunks) * QP * NB;
-        let mut bpack = vec![0u32; block * (jp1 - jp0)];
+        let mut bpack = take_buffer(&B_BUFFER, block * (jp1 - jp0));
         let mut scratch = Scratch([0f32; MB * NB]);
         let tiles = x86::Tiles::configure();
         for q0 in (0..chunks).step_by(KCQ) {
@@ -168,7 +164,7 @@ pub(super) fn gemm(
                 for jp in jp0..jp1 {
                     let b = &bpack[(jp - jp0) * block..][..qb * QP * NB];
                     for ip in ib..(ib + MCP).min(ip1) {
-                        let a = &apack[ip * panel_len + q0 * QP * MB..][..qb * QP * MB];
+                        let a = &a_panels[ip * panel_len + q0 * QP * MB..][..qb * QP * MB];
                         tiles.block(qb, a, b, &mut scratch.0);
                         let (i0, j0) = (ip * MB, jp * NB);
                         let (mr, nr) = (MB.min(m - i0), NB.min(n - j0));
@@ -191,6 +187,7 @@ pub(super) fn gemm(
             }
         }
         drop(tiles);
+        return_buffer(&B_BUFFER, bpack);
     };
     let tasks = tasks_n * tasks_m;
     if tasks == 1 {
@@ -198,10 +195,39 @@ pub(super) fn gemm(
     } else {
         (0..tasks).into_par_iter().for_each(task);
     }
+    return_buffer(&A_BUFFER, apack);
     if acc == Accum::Write {
         // SAFETY: the first reduction block overwrote every element of the output.
         unsafe { dst.assume_init() };
     }
+}
+
+thread_local! {
+    /// The packed left operand of this thread's last product, kept for the next one: a
+    /// training step runs thousands of products, and fresh megabyte buffers each cost their
+    /// pages' first-touch faults.
+    static A_BUFFER: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    /// The same for a task's packed right panels.
+    static B_BUFFER: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+}
+
+/// This thread's kept buffer, `len` long (contents unspecified: packing overwrites it all).
+/// Taken out of the slot while in use, so a nested product on the same thread gets its own.
+fn take_buffer(slot: &'static LocalKey<Cell<Vec<u32>>>, len: usize) -> Vec<u32> {
+    let mut v = slot.take();
+    v.resize(len, 0);
+    v
+}
+
+/// Puts a buffer back for this thread's next product (the larger one, if a nested product
+/// returned one meanwhile).
+fn return_buffer(slot: &'static LocalKey<Cell<Vec<u32>>>, v: Vec<u32>) {
+    let held = slot.take();
+    slot.set(if held.capacity() > v.capacity() {
+        held
+    } else {
+        v
+    });
 }
 
 /// The 32 × 32 f32 sums of one block, as they leave the tiles (64-byte aligned, as tile

@@ -288,6 +288,21 @@ pub trait PairRows: Sync {
         }
     }
 
+    /// The same pairs column by column: `out[j·kp + p]` for `j < width` (the layout of an AMX
+    /// left tile, whose rows are the product's rows), zero past the last row and in columns
+    /// `nj..width`.
+    fn pack_pairs_by_column(
+        &self,
+        k0: usize,
+        kp: usize,
+        j0: usize,
+        nj: usize,
+        width: usize,
+        out: &mut [u32],
+    ) {
+        pack_by_column_elementwise(self, k0, kp, j0, nj, width, out)
+    }
+
     /// Rows `r0..r1`, columns `c0..c1` as f32 (the bf16 values, widened), row-major into `out`.
     fn widen(&self, (r0, r1): (usize, usize), (c0, c1): (usize, usize), out: &mut [f32]) {
         for (i, row) in (r0..r1).zip(out.chunks_mut((c1 - c0).max(1))) {
@@ -309,6 +324,68 @@ impl PairRows for MatRef<'_> {
     fn bits(&self, i: usize, j: usize) -> u16 {
         to_bits(self.at(i, j))
     }
+
+    fn pack_pairs_by_column(
+        &self,
+        k0: usize,
+        kp: usize,
+        j0: usize,
+        nj: usize,
+        width: usize,
+        out: &mut [u32],
+    ) {
+        let k0 = k0.min(self.rows());
+        let len = (2 * kp).min(self.rows() - k0);
+        if nj == 0 || self.column_run(j0, k0, len).is_none() {
+            return pack_by_column_elementwise(self, k0, kp, j0, nj, width, out);
+        }
+        for (j, col) in out.chunks_mut(kp).take(width).enumerate() {
+            let run = if j < nj {
+                self.column_run(j0 + j, k0, len).unwrap_or_default()
+            } else {
+                &[]
+            };
+            let pairs = run.chunks_exact(2);
+            let last = pairs.remainder().first().map_or(0, |&v| to_bits(v) as u32);
+            let full = pairs.len();
+            for (s, v) in col.iter_mut().zip(pairs) {
+                *s = to_bits(v[0]) as u32 | (to_bits(v[1]) as u32) << 16;
+            }
+            if full < kp {
+                col[full] = last;
+                col[full + 1..].fill(0);
+            }
+        }
+    }
+}
+
+/// [`PairRows::pack_pairs_by_column`] element by element (any operand; views whose reduction
+/// axis is contiguous take a faster route).
+fn pack_by_column_elementwise<P: PairRows + ?Sized>(
+    src: &P,
+    k0: usize,
+    kp: usize,
+    j0: usize,
+    nj: usize,
+    width: usize,
+    out: &mut [u32],
+) {
+    let rows = src.rows();
+    for (j, col) in out.chunks_mut(kp).take(width).enumerate() {
+        for (p, s) in col.iter_mut().enumerate() {
+            let r = k0 + 2 * p;
+            *s = if j < nj && r < rows {
+                let hi = if r + 1 < rows {
+                    src.bits(r + 1, j0 + j) as u32
+                } else {
+                    0
+                };
+                src.bits(r, j0 + j) as u32 | hi << 16
+            } else {
+                0
+            };
+        }
+    }
 }
 
 impl PairRows for Bf16Ref<'_> {
@@ -321,6 +398,39 @@ impl PairRows for Bf16Ref<'_> {
     #[inline(always)]
     fn bits(&self, i: usize, j: usize) -> u16 {
         self.data[i * self.rs + j * self.cs].to_bits()
+    }
+
+    fn pack_pairs_by_column(
+        &self,
+        k0: usize,
+        kp: usize,
+        j0: usize,
+        nj: usize,
+        width: usize,
+        out: &mut [u32],
+    ) {
+        if self.rs != 1 || nj == 0 {
+            return pack_by_column_elementwise(self, k0, kp, j0, nj, width, out);
+        }
+        let k0 = k0.min(self.rows);
+        let len = (2 * kp).min(self.rows - k0);
+        for (j, col) in out.chunks_mut(kp).take(width).enumerate() {
+            let run: &[bf16] = if j < nj {
+                &self.data[(j0 + j) * self.cs + k0..][..len]
+            } else {
+                &[]
+            };
+            let pairs = run.chunks_exact(2);
+            let last = pairs.remainder().first().map_or(0, |v| v.to_bits() as u32);
+            let full = pairs.len();
+            for (s, v) in col.iter_mut().zip(pairs) {
+                *s = v[0].to_bits() as u32 | (v[1].to_bits() as u32) << 16;
+            }
+            if full < kp {
+                col[full] = last;
+                col[full + 1..].fill(0);
+            }
+        }
     }
 }
 

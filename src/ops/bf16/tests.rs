@@ -268,3 +268,44 @@ fn rounding_matches_half_bit_for_bit() {
         assert_eq!(to_bits(x), bf16::from_f32(x).to_bits(), "{b:#010x} ({x:e})");
     }
 }
+
+/// Column-by-column packing holds the same pairs as [`PairRows::pack_pairs`], transposed, on
+/// every route: f32 and bf16 views with a contiguous reduction axis (the fast routes) and
+/// without (element by element), with odd row counts, blocks past the end and padded columns.
+#[test]
+fn packing_by_column_transposes_packing_by_pair() {
+    let (rows, cols) = (37, 11);
+    let mut rng = Rng::new(3);
+    let v = values(rows * cols, &mut rng);
+    let vt: Vec<f32> = (0..rows * cols)
+        .map(|i| v[(i % rows) * cols + i / rows])
+        .collect();
+    let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+    let ht: Vec<bf16> = vt.iter().map(|&x| bf16::from_f32(x)).collect();
+    let views: [(&str, Box<dyn PairRows>); 4] = [
+        ("f32 rows", Box::new(MatRef::new(&v, rows, cols))),
+        ("f32 contiguous", Box::new(MatRef::new(&vt, cols, rows).t())),
+        ("bf16 rows", Box::new(Bf16Ref::new(&h, rows, cols))),
+        (
+            "bf16 contiguous",
+            Box::new(Bf16Ref::new(&ht, cols, rows).t()),
+        ),
+    ];
+    for (name, view) in &views {
+        for (k0, kp, j0, nj, width) in [(0, 19, 0, 11, 16), (4, 16, 3, 5, 8), (30, 8, 10, 1, 4)] {
+            let mut by_pair = vec![7u32; kp * width];
+            let mut by_column = vec![7u32; kp * width];
+            view.pack_pairs(k0, kp, j0, nj, width, &mut by_pair);
+            view.pack_pairs_by_column(k0, kp, j0, nj, width, &mut by_column);
+            for p in 0..kp {
+                for j in 0..width {
+                    assert_eq!(
+                        by_column[j * kp + p],
+                        by_pair[p * width + j],
+                        "{name} k0={k0} pair {p} column {j}"
+                    );
+                }
+            }
+        }
+    }
+}
