@@ -400,6 +400,48 @@ impl PairRows for Bf16Ref<'_> {
         self.data[i * self.rs + j * self.cs].to_bits()
     }
 
+    fn pack_pairs(
+        &self,
+        k0: usize,
+        kp: usize,
+        j0: usize,
+        nj: usize,
+        width: usize,
+        out: &mut [u32],
+    ) {
+        let out = &mut out[..kp * width];
+        out.fill(0);
+        let bits = |r: usize, j: usize| self.data[r * self.rs + j * self.cs].to_bits() as u32;
+        if self.rs == 1 {
+            // a transposed row-major matrix (`Wᵀ`): each column's pairs are adjacent values
+            let len = (2 * kp).min(self.rows.saturating_sub(k0));
+            for j in 0..nj {
+                let run = &self.data[(j0 + j) * self.cs + k0..][..len];
+                for (p, v) in run.chunks(2).enumerate() {
+                    let hi = v.get(1).map_or(0, |h| h.to_bits() as u32);
+                    out[p * width + j] = v[0].to_bits() as u32 | hi << 16;
+                }
+            }
+        } else {
+            for p in 0..kp {
+                let r = k0 + 2 * p;
+                if r >= self.rows {
+                    break;
+                }
+                let slot = &mut out[p * width..][..nj];
+                if r + 1 < self.rows {
+                    for (j, s) in slot.iter_mut().enumerate() {
+                        *s = bits(r, j0 + j) | bits(r + 1, j0 + j) << 16;
+                    }
+                } else {
+                    for (j, s) in slot.iter_mut().enumerate() {
+                        *s = bits(r, j0 + j);
+                    }
+                }
+            }
+        }
+    }
+
     fn pack_pairs_by_column(
         &self,
         k0: usize,
