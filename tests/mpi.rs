@@ -190,8 +190,21 @@ fn killed_and_resumed_two_rank_run_matches_one_process() {
     args.extend(["--save-every", "10"].map(String::from));
     let mut child = mpirun(&args).spawn().unwrap();
     wait_for(&out.join("checkpoint-20").join("state.json"));
+    // as a lost machine would: every rank at once (they are not in mpirun's process group)
+    for rank in 0..2 {
+        if let Some(pid) = rank_pid(&out, rank) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
     kill_group(&child);
     let _ = child.wait();
+    let t0 = Instant::now();
+    while rank_pid(&out, 0).is_some() || rank_pid(&out, 1).is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "ranks never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !out.join("adapter_model.safetensors").exists(),
         "the run was killed before it finished"

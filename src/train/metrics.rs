@@ -1,6 +1,8 @@
 //! [`Metrics`]: a run's `metrics.jsonl` (one JSON object per logged step) and the train and
 //! eval loss curves the plot is drawn from. A resumed run keeps the lines up to the step it
-//! resumes from and continues the file from there.
+//! resumes from and continues the file from there. Each run writes a new file (renamed over the
+//! old one), so a killed run's process that is still exiting writes only into the file it had
+//! open, never into the lines of the run that resumed it.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -44,12 +46,13 @@ impl Metrics {
         } else {
             Vec::new()
         };
-        let file = File::create(&path).map_err(|source| crate::io::Error::Io {
-            path: path.clone(),
+        let fresh = out.join("metrics.jsonl.tmp");
+        let file = File::create(&fresh).map_err(|source| crate::io::Error::Io {
+            path: fresh.clone(),
             source,
         })?;
         let mut m = Metrics {
-            path,
+            path: fresh.clone(),
             file: BufWriter::new(file),
             train_curve: Vec::new(),
             eval_curve: Vec::new(),
@@ -66,6 +69,12 @@ impl Metrics {
             }
             m.write_line(l)?;
         }
+        m.flush()?;
+        std::fs::rename(&fresh, &path).map_err(|source| crate::io::Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        m.path = path;
         Ok(m)
     }
 
@@ -99,5 +108,44 @@ impl Metrics {
         let r = self.file.flush();
         r.map_err(self.io())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_resumed_file_keeps_its_steps_and_ignores_a_stale_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = Metrics::open(dir.path(), 0).unwrap();
+        for step in 1..=4 {
+            old.log(&json!({"step": step, "loss": step as f64}))
+                .unwrap();
+        }
+        old.flush().unwrap();
+
+        let mut resumed = Metrics::open(dir.path(), 2).unwrap();
+        assert_eq!(resumed.train_curve, vec![(1, 1.0), (2, 2.0)]);
+        // the killed run's process, not yet gone, goes on writing to what it had open
+        for step in 5..=40 {
+            old.log(&json!({"step": step, "loss": 0.5})).unwrap();
+        }
+        old.flush().unwrap();
+        resumed.log(&json!({"step": 3, "loss": 3.5})).unwrap();
+        resumed.flush().unwrap();
+
+        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, vec![1, 2, 3]);
+        assert!(!dir.path().join("metrics.jsonl.tmp").exists());
     }
 }
