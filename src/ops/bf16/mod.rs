@@ -361,7 +361,7 @@ impl PairRows for MatRef<'_> {
 
 /// [`PairRows::pack_pairs_by_column`] element by element (any operand; views whose reduction
 /// axis is contiguous take a faster route).
-fn pack_by_column_elementwise<P: PairRows + ?Sized>(
+pub(super) fn pack_by_column_elementwise<P: PairRows + ?Sized>(
     src: &P,
     k0: usize,
     kp: usize,

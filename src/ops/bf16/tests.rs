@@ -8,7 +8,7 @@
 
 use half::bf16;
 
-use super::amx::{KCQ, MB, NB, QP};
+use super::amx::{A_PACK_MAX, KCQ, MB, NB, QP};
 use super::packed::{KCP, MR, NR};
 use super::*;
 use crate::ops::Rng;
@@ -100,7 +100,15 @@ fn shapes() -> Vec<(usize, usize, usize)> {
         (MB + 1, 2 * NB - 1, 2 * QP * KCQ + 3),
         (3 * MB + 17, 5 * NB + 7, 4 * QP * KCQ + 66),
         (16, 16, 4 * QP - 1),
+        // AMX: a reduction longer than one pass packs (1024 padded rows: passes of 4096),
+        // ending in a one-row slice
+        (1000, 37, 4097),
     ]);
+    assert_eq!(
+        A_PACK_MAX / 1024 * 2,
+        4096,
+        "the long-reduction shape's passes"
+    );
     s
 }
 
