@@ -10,11 +10,12 @@
 //! Packing, both as bf16 pairs along the reduction axis (one `u32` per pair, the lower row in
 //! the low half, as [`PairRows`] writes them): the left operand whole, in panels of
 //! [`MB`] rows, each a run of 16-pair chunks stored row-major (`[chunk][row][16 pairs]`, so a
-//! left tile is 1 KiB with rows 64 bytes apart); the right one per task and reduction block,
-//! panels of [`NB`] columns (`[pair][column]`, so a right tile is 16 pairs with rows 128 bytes
-//! apart). The reduction is padded with zero pairs to whole chunks and the edges with zero rows
-//! and columns; the sums of a 32 × 32 block leave the tiles through a scratch block, from which
-//! only the valid part is scaled and written (or added).
+//! left tile is 1 KiB with rows 64 bytes apart); the right one per task, panels of [`NB`]
+//! columns over the whole reduction (`[pair][column]`, so a right tile is 16 pairs with rows
+//! 128 bytes apart). The reduction is padded with zero pairs to whole chunks and the edges with
+//! zero rows and columns; a 32 × 32 block sums the whole reduction in its tiles, then leaves
+//! them once through a scratch block, from which only the valid part is scaled and written (or
+//! added).
 //!
 //! Linux grants a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`),
 //! which [`available`] makes once; a CPU or kernel without it keeps the other kernel sets.
@@ -34,12 +35,16 @@ pub(super) const MB: usize = 32;
 pub(super) const NB: usize = 32;
 /// Pairs per tile step (a tile row of 64 bytes).
 pub(super) const QP: usize = 16;
-/// Tile steps per reduction block (256 pairs, 512 values: a right panel of 32 KiB).
+/// Tile steps per reduction block (256 pairs, 512 values): the unit in which a long
+/// reduction is sliced into passes.
 pub(super) const KCQ: usize = 16;
-/// Left panels that pass one right panel while it stays in L1/L2.
+/// Left panels that pass one right panel while it stays in L2.
 const MCP: usize = 8;
-/// Most right panels one task packs (512 columns; its block is ≤ 512 KiB).
+/// Most right panels one task packs (512 columns).
 const TASK_PANELS: usize = 16;
+/// Most bytes of packed right panels one task holds (each panel spans the whole reduction of
+/// the pass, so a longer reduction gives a task fewer columns).
+const TASK_B_BYTES: usize = 1 << 20;
 
 /// Whether this CPU and kernel run AMX tiles with bf16 products (asked once per process; the
 /// first call requests the tile state from Linux).
@@ -229,7 +234,9 @@ fn gemm_pass(
         apack.chunks_mut(panel_len).enumerate().for_each(pack_a);
     }
     let want = if threads > 1 { 2 * threads } else { 1 };
-    let per_n = npan.div_ceil(want).clamp(1, TASK_PANELS);
+    let block = chunks * QP * NB;
+    let most_panels = (TASK_B_BYTES / (4 * block)).clamp(1, TASK_PANELS);
+    let per_n = npan.div_ceil(want).clamp(1, most_panels);
     let tasks_n = npan.div_ceil(per_n);
     let split_m = if tasks_n >= want {
         1
@@ -244,38 +251,37 @@ fn gemm_pass(
     let task = |t: usize| {
         let (jp0, ip0) = ((t % tasks_n) * per_n, (t / tasks_n) * per_m);
         let (jp1, ip1) = ((jp0 + per_n).min(npan), (ip0 + per_m).min(mpan));
-        let block = KCQ.min(chunks) * QP * NB;
         let mut bpack = take_buffer(&B_BUFFER, block * (jp1 - jp0));
         let mut scratch = Scratch([0f32; MB * NB]);
         let tiles = x86::Tiles::configure();
-        for q0 in (0..chunks).step_by(KCQ) {
-            let qb = KCQ.min(chunks - q0);
+        for jp in jp0..jp1 {
+            let j0 = jp * NB;
+            let panel = &mut bpack[(jp - jp0) * block..][..block];
+            rhs.pack_pairs(0, chunks * QP, j0, NB.min(n - j0), NB, panel);
+        }
+        // Each 32 × 32 block sums the whole reduction in its tiles and leaves them once:
+        // adding a block's partial sums into an output that has left the cache meanwhile
+        // had cost a third of this kernel's time.
+        let overwrite = acc == Accum::Write;
+        for ib in (ip0..ip1).step_by(MCP) {
             for jp in jp0..jp1 {
-                let j0 = jp * NB;
-                let panel = &mut bpack[(jp - jp0) * block..][..qb * QP * NB];
-                rhs.pack_pairs(2 * QP * q0, qb * QP, j0, NB.min(n - j0), NB, panel);
-            }
-            let overwrite = acc == Accum::Write && q0 == 0;
-            for ib in (ip0..ip1).step_by(MCP) {
-                for jp in jp0..jp1 {
-                    let b = &bpack[(jp - jp0) * block..][..qb * QP * NB];
-                    for ip in ib..(ib + MCP).min(ip1) {
-                        let a = &a_panels[ip * panel_len + q0 * QP * MB..][..qb * QP * MB];
-                        tiles.block(qb, a, b, &mut scratch.0);
-                        let (i0, j0) = (ip * MB, jp * NB);
-                        let (mr, nr) = (MB.min(m - i0), NB.min(n - j0));
-                        for (r, sums) in scratch.0.chunks_exact(NB).take(mr).enumerate() {
-                            // SAFETY: row i0 + r < m and columns j0..j0 + nr < n are this
-                            // task's block of the output, which no other task touches.
-                            let row = unsafe { out.row(i0 + r, j0, nr) };
-                            if overwrite {
-                                for (y, s) in row.iter_mut().zip(sums) {
-                                    *y = scale * s;
-                                }
-                            } else {
-                                for (y, s) in row.iter_mut().zip(sums) {
-                                    *y += scale * s;
-                                }
+                let b = &bpack[(jp - jp0) * block..][..block];
+                for ip in ib..(ib + MCP).min(ip1) {
+                    let a = &a_panels[ip * panel_len..][..panel_len];
+                    tiles.block(chunks, a, b, &mut scratch.0);
+                    let (i0, j0) = (ip * MB, jp * NB);
+                    let (mr, nr) = (MB.min(m - i0), NB.min(n - j0));
+                    for (r, sums) in scratch.0.chunks_exact(NB).take(mr).enumerate() {
+                        // SAFETY: row i0 + r < m and columns j0..j0 + nr < n are this
+                        // task's block of the output, which no other task touches.
+                        let row = unsafe { out.row(i0 + r, j0, nr) };
+                        if overwrite {
+                            for (y, s) in row.iter_mut().zip(sums) {
+                                *y = scale * s;
+                            }
+                        } else {
+                            for (y, s) in row.iter_mut().zip(sums) {
+                                *y += scale * s;
                             }
                         }
                     }
