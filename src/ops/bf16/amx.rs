@@ -42,8 +42,8 @@ pub(super) const KCQ: usize = 16;
 const MCP: usize = 8;
 /// Most right panels one task packs (512 columns).
 const TASK_PANELS: usize = 16;
-/// Most bytes of packed right panels one task holds (each panel spans the whole reduction of
-/// the pass, so a longer reduction gives a task fewer columns).
+/// Most bytes of packed right panels one task holds, one panel at the least (each panel spans
+/// the whole reduction of the pass, so a longer reduction gives a task fewer columns).
 const TASK_B_BYTES: usize = 1 << 20;
 
 /// Whether this CPU and kernel run AMX tiles with bf16 products (asked once per process; the
