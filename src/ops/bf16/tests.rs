@@ -93,8 +93,8 @@ fn shapes() -> Vec<(usize, usize, usize)> {
         (7, 17 * NR + 9, 65),
         (8 * MR + 1, 40, 130),
         (200, 33, 40),
-        // AMX: partial and whole 32 × 32 blocks, partial 16-pair steps, several blocks of
-        // KCQ steps
+        // AMX: partial and whole 32 × 32 blocks, partial 16-pair steps, reductions longer
+        // than one KCQ block (summed in the tiles in one go)
         (MB - 1, NB + 1, 2 * QP + 1),
         (MB, NB, 2 * QP),
         (MB + 1, 2 * NB - 1, 2 * QP * KCQ + 3),
