@@ -344,9 +344,8 @@ mod x86 {
 
     use super::{MB, NB, QP};
 
-    /// Tile steps ahead that [`Tiles::block`] prefetches its operands into L1: prefetching two
-    /// steps ahead measured 5–15 % faster products than none, one operand only, or three and
-    /// four steps ahead (docs/PERFORMANCE.md).
+    /// Tile steps ahead that [`Tiles::block`] prefetches both operands into L1: two steps ahead
+    /// measured 4–10 % faster products than none (docs/PERFORMANCE.md, session 17).
     const PREFETCH_STEPS: usize = 2;
 
     /// The tile configuration `ldtilecfg` reads: palette 1, all eight tiles 16 rows × 64 bytes.
