@@ -254,6 +254,15 @@ pub fn grad_a_and_dx(
             .map(|blk| ((n - blk * ROWS).min(ROWS) * inp, None))
             .collect(),
     };
+    let side = InputSide {
+        x,
+        inp,
+        mask,
+        du: &du,
+        a: &a,
+        r8,
+        extra,
+    };
     let parts: Vec<Vec<f32>> = blocks
         .into_par_iter()
         .enumerate()
@@ -262,63 +271,10 @@ pub fn grad_a_and_dx(
             let rows = len / inp.max(1);
             let mut da = vec![0f32; r8 * inp];
             for g0 in (0..rows).step_by(GROUP) {
-                let g1 = (g0 + GROUP).min(rows);
+                let group = i0 + g0..i0 + (g0 + GROUP).min(rows);
                 for c in (0..inp).step_by(L) {
-                    let w = (inp - c).min(L);
                     for j0 in (0..r8).step_by(L) {
-                        let av: [F8; L] =
-                            std::array::from_fn(|j| F8::load_partial(&a[(j0 + j) * inp + c..], w));
-                        let mut acc: [F8; L] =
-                            std::array::from_fn(|j| F8::load_partial(&da[(j0 + j) * inp + c..], w));
-                        for k in g0..g1 {
-                            let i = i0 + k;
-                            let f = factors(mask, i * inp + c);
-                            let d: &[f32; L] = du[i * r8 + j0..i * r8 + j0 + L]
-                                .try_into()
-                                .expect("8 ranks");
-                            let Some(dxb) = dxb.as_deref_mut() else {
-                                let xd = F8::load_partial(&x[i * inp + c..], w) * f;
-                                for j in 0..L {
-                                    acc[j] = acc[j].fma(F8::splat(d[j]), xd);
-                                }
-                                continue;
-                            };
-                            if w == L {
-                                // SAFETY: c + 8 ≤ inp, so row i of `x` / `extra` and row k of
-                                // `dxb` (each `inp` long, asserted above) hold the strip.
-                                unsafe {
-                                    let xd = F8::load_ptr(x.as_ptr().add(i * inp + c)) * f;
-                                    let mut t = match extra {
-                                        Some(e) if j0 == 0 => {
-                                            F8::load_ptr(e.as_ptr().add(i * inp + c))
-                                        }
-                                        _ => F8::zero(),
-                                    };
-                                    for j in 0..L {
-                                        let dj = F8::splat(d[j]);
-                                        acc[j] = acc[j].fma(dj, xd);
-                                        t = t.fma(dj, av[j]);
-                                    }
-                                    let p = dxb.as_mut_ptr().add(k * inp + c);
-                                    F8::load_ptr(p).fma(t, f).store_ptr(p);
-                                }
-                                continue;
-                            }
-                            let xd = F8::load_partial(&x[i * inp + c..], w) * f;
-                            let mut t = match extra {
-                                Some(e) if j0 == 0 => F8::load_partial(&e[i * inp + c..], w),
-                                _ => F8::zero(),
-                            };
-                            for j in 0..L {
-                                let dj = F8::splat(d[j]);
-                                acc[j] = acc[j].fma(dj, xd);
-                                t = t.fma(dj, av[j]);
-                            }
-                            (t * f).add_to(&mut dxb[k * inp + c..], w);
-                        }
-                        for (j, acc) in acc.iter().enumerate() {
-                            da[(j0 + j) * inp + c..][..w].copy_from_slice(&acc.to_array()[..w]);
-                        }
+                        side.strip(group.clone(), i0, (c, j0), &mut da, dxb.as_deref_mut());
                     }
                 }
             }
@@ -326,6 +282,97 @@ pub fn grad_a_and_dx(
         })
         .collect();
     reduce_parts(&parts, r * inp)
+}
+
+/// The operands of [`grad_a_and_dx`] with the rank padded to `r8`.
+struct InputSide<'a> {
+    /// (n × inp) the layer input.
+    x: &'a [f32],
+    inp: usize,
+    mask: Option<&'a KeepMask>,
+    /// (n × r8) `du`, padded.
+    du: &'a [f32],
+    /// (r8 × inp) A, padded.
+    a: &'a [f32],
+    r8: usize,
+    /// (n × inp) added to `du·A` before the dropout, when given.
+    extra: Option<&'a [f32]>,
+}
+
+impl InputSide<'_> {
+    /// Rows `group` down the strip of columns `c..c + 8` (fewer at the end), ranks
+    /// `j0..j0 + 8`: their `duᵀ·x_d` added into `da` in row order, and, with `dxb` (the rows
+    /// of `dx` from `i0` on), their `dropoutᵀ(du·A + extra)` added into it.
+    #[inline(always)]
+    fn strip(
+        &self,
+        group: std::ops::Range<usize>,
+        i0: usize,
+        (c, j0): (usize, usize),
+        da: &mut [f32],
+        mut dxb: Option<&mut [f32]>,
+    ) {
+        let InputSide {
+            x,
+            inp,
+            mask,
+            du,
+            a,
+            r8,
+            extra,
+        } = *self;
+        let w = (inp - c).min(L);
+        let av: [F8; L] = std::array::from_fn(|j| F8::load_partial(&a[(j0 + j) * inp + c..], w));
+        let mut acc: [F8; L] =
+            std::array::from_fn(|j| F8::load_partial(&da[(j0 + j) * inp + c..], w));
+        for i in group {
+            let k = i - i0;
+            let f = factors(mask, i * inp + c);
+            let d: &[f32; L] = du[i * r8 + j0..i * r8 + j0 + L]
+                .try_into()
+                .expect("8 ranks");
+            let Some(dxb) = dxb.as_deref_mut() else {
+                let xd = F8::load_partial(&x[i * inp + c..], w) * f;
+                for j in 0..L {
+                    acc[j] = acc[j].fma(F8::splat(d[j]), xd);
+                }
+                continue;
+            };
+            if w == L {
+                // SAFETY: c + 8 ≤ inp, so row i of `x` / `extra` and row k of `dxb` (each
+                // `inp` long, asserted by `grad_a_and_dx`) hold the strip.
+                unsafe {
+                    let xd = F8::load_ptr(x.as_ptr().add(i * inp + c)) * f;
+                    let mut t = match extra {
+                        Some(e) if j0 == 0 => F8::load_ptr(e.as_ptr().add(i * inp + c)),
+                        _ => F8::zero(),
+                    };
+                    for j in 0..L {
+                        let dj = F8::splat(d[j]);
+                        acc[j] = acc[j].fma(dj, xd);
+                        t = t.fma(dj, av[j]);
+                    }
+                    let p = dxb.as_mut_ptr().add(k * inp + c);
+                    F8::load_ptr(p).fma(t, f).store_ptr(p);
+                }
+                continue;
+            }
+            let xd = F8::load_partial(&x[i * inp + c..], w) * f;
+            let mut t = match extra {
+                Some(e) if j0 == 0 => F8::load_partial(&e[i * inp + c..], w),
+                _ => F8::zero(),
+            };
+            for j in 0..L {
+                let dj = F8::splat(d[j]);
+                acc[j] = acc[j].fma(dj, xd);
+                t = t.fma(dj, av[j]);
+            }
+            (t * f).add_to(&mut dxb[k * inp + c..], w);
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            da[(j0 + j) * inp + c..][..w].copy_from_slice(&acc.to_array()[..w]);
+        }
+    }
 }
 
 #[cfg(test)]
