@@ -197,7 +197,68 @@ pub fn quant(quick: bool) -> Vec<QuantLine> {
             vs_dense: Some(td / tq),
         });
     }
+    out.extend(nf4_bf16_lines(quick, &mut sink));
     std::hint::black_box(sink);
+    out
+}
+
+/// The 4-bit products in bf16 at the training shapes of `llama-small-1024` (1024 tokens through
+/// its q, gate/up and down projections), each next to the product with the same weight held
+/// dense in bf16: what decoding the codes into bf16 panels costs. Empty where this CPU has no
+/// native bf16 kernel set (the portable route is the f32 product with widening).
+fn nf4_bf16_lines(quick: bool, sink: &mut f32) -> Vec<QuantLine> {
+    use crate::ops::bf16::{self as b16, Bf16Kernel};
+    if !Bf16Kernel::native_available() {
+        return Vec::new();
+    }
+    let (m, shapes): (usize, Vec<(usize, usize)>) = if quick {
+        (128, vec![(256, 256), (704, 256)])
+    } else {
+        (1024, vec![(1024, 1024), (2816, 1024), (1024, 2816)])
+    };
+    let opts = QuantizeOptions::default();
+    let mut out = Vec::new();
+    for (n, k) in shapes {
+        let wd = data(n * k, 5);
+        let mut qw =
+            QuantizedWeight::quantize(&wd, &[n, k], Dtype::F32, opts).expect("valid options");
+        qw.set_compute_dtype(ComputeDtype::Bf16);
+        let wb = b16::round_slice(&wd);
+        let flops = 2.0 * (m * n * k) as f64;
+        let shape = format!("[{m}x{k}]·[{n}x{k}]ᵀ");
+        let x = data(m * k, 6);
+        let dy = data(m * n, 7);
+        let pairs = [
+            (
+                "y=x·Wᵀ",
+                best_of(5, || *sink += b16::matmul_nt(&x, m, &wb, n, k)[0]),
+                best_of(5, || *sink += qw.matmul_t(&x, m)[0]),
+            ),
+            (
+                "dx=dy·W",
+                best_of(5, || *sink += b16::matmul_nn(&dy, m, &wb, n, k)[0]),
+                best_of(5, || *sink += qw.matmul(&dy, m)[0]),
+            ),
+        ];
+        for (what, td, tq) in pairs {
+            out.push(QuantLine {
+                op: format!("matmul bf16 dense {what}"),
+                shape: shape.clone(),
+                seconds: td,
+                gb_per_s: None,
+                gflops: Some(flops / td / 1e9),
+                vs_dense: None,
+            });
+            out.push(QuantLine {
+                op: format!("matmul bf16 nf4 {what}"),
+                shape: shape.clone(),
+                seconds: tq,
+                gb_per_s: None,
+                gflops: Some(flops / tq / 1e9),
+                vs_dense: Some(td / tq),
+            });
+        }
+    }
     out
 }
 
