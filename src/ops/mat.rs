@@ -142,6 +142,19 @@ impl<'a> MatRef<'a> {
         );
         (self.rs == 1).then(|| &self.data[j * self.cs + i0..][..len])
     }
+
+    /// Columns `j0..j0 + len` of row `i` as one slice, where columns are adjacent in memory
+    /// (column stride 1, as in a row-major matrix); `None` otherwise.
+    ///
+    /// # Panics
+    /// If the range is outside the view.
+    pub fn row_run(&self, i: usize, j0: usize, len: usize) -> Option<&'a [f32]> {
+        assert!(
+            j0 + len <= self.cols && i < self.rows,
+            "row_run outside the view"
+        );
+        (self.cs == 1).then(|| &self.data[i * self.rs + j0..][..len])
+    }
 }
 
 /// A row-major `rows × cols` output block (rows `row_stride` apart) over initialized floats or

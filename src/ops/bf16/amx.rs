@@ -20,12 +20,11 @@
 //! Linux grants a process the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`),
 //! which [`available`] makes once; a CPU or kernel without it keeps the other kernel sets.
 
-use std::cell::Cell;
 use std::sync::OnceLock;
-use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
+use super::passes::{self, return_buffer, take_buffer, A_BUFFER, B_BUFFER};
 use super::PairRows;
 use crate::ops::mat::{Accum, MatMut, Par};
 
@@ -107,101 +106,26 @@ impl Out {
     }
 }
 
-/// Most `u32` pairs of packed left operand one pass holds (8 MiB): a longer reduction is
-/// taken in slices of whole reduction blocks, so the head's `dlogits · E` (k = the vocabulary)
-/// never packs, or keeps per thread, a copy of its whole left operand.
-pub(super) const A_PACK_MAX: usize = 2 << 20;
-
 /// `dst [+]= scale · lhs · rhs` on AMX tiles (see the module comment). The caller checked
 /// [`available`].
 pub(super) fn gemm(
-    mut dst: MatMut<'_>,
+    dst: MatMut<'_>,
     acc: Accum,
     lhs_t: &dyn PairRows,
     rhs: &dyn PairRows,
     scale: f32,
     par: Par,
 ) {
-    let (m, k) = (dst.rows(), lhs_t.rows());
-    let step = 2 * QP * KCQ;
-    let slice = (A_PACK_MAX / (m.div_ceil(MB) * MB) * 2 / step).max(1) * step;
-    if k <= slice {
-        return gemm_pass(dst, acc, lhs_t, rhs, scale, par);
-    }
-    for k0 in (0..k).step_by(slice) {
-        let rows = slice.min(k - k0);
-        let acc = if k0 == 0 { acc } else { Accum::Add };
-        let (l, r) = (Rows::of(lhs_t, k0, rows), Rows::of(rhs, k0, rows));
-        gemm_pass(dst.rb(), acc, &l, &r, scale, par);
-        if k0 == 0 && acc == Accum::Write {
-            // SAFETY: the first pass overwrote every element of the output.
-            unsafe { dst.assume_init() };
-        }
-    }
-}
-
-/// Rows `k0..k0 + rows` of a [`PairRows`] operand: a slice of the reduction. `rows` is a whole
-/// number of pairs, or the slice ends where the operand does, so its pairs are the operand's.
-struct Rows<'a> {
-    inner: &'a dyn PairRows,
-    k0: usize,
-    rows: usize,
-}
-
-impl<'a> Rows<'a> {
-    fn of(inner: &'a dyn PairRows, k0: usize, rows: usize) -> Self {
-        debug_assert!(
-            k0.is_multiple_of(2) && (rows.is_multiple_of(2) || k0 + rows == inner.rows())
-        );
-        Rows { inner, k0, rows }
-    }
-
-    /// Pairs asked for from `k0` that lie in the slice (the rest are zero past its end).
-    fn pairs_in(&self, k0: usize, kp: usize) -> usize {
-        kp.min((self.rows.saturating_sub(k0)).div_ceil(2))
-    }
-}
-
-impl PairRows for Rows<'_> {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn cols(&self) -> usize {
-        self.inner.cols()
-    }
-    fn bits(&self, i: usize, j: usize) -> u16 {
-        self.inner.bits(self.k0 + i, j)
-    }
-    fn pack_pairs(
-        &self,
-        k0: usize,
-        kp: usize,
-        j0: usize,
-        nj: usize,
-        width: usize,
-        out: &mut [u32],
-    ) {
-        let inside = self.pairs_in(k0, kp);
-        self.inner
-            .pack_pairs(self.k0 + k0, inside, j0, nj, width, out);
-        out[inside * width..kp * width].fill(0);
-    }
-    fn pack_pairs_by_column(
-        &self,
-        k0: usize,
-        kp: usize,
-        j0: usize,
-        nj: usize,
-        width: usize,
-        out: &mut [u32],
-    ) {
-        if self.pairs_in(k0, kp) == kp {
-            self.inner
-                .pack_pairs_by_column(self.k0 + k0, kp, j0, nj, width, out);
-        } else {
-            super::pack_by_column_elementwise(self, k0, kp, j0, nj, width, out);
-        }
-    }
+    passes::in_passes(
+        dst,
+        acc,
+        lhs_t,
+        rhs,
+        scale,
+        par,
+        (MB, 2 * QP * KCQ),
+        gemm_pass,
+    );
 }
 
 /// One pass of [`gemm`] over the whole reduction, the left operand packed whole.
@@ -302,34 +226,6 @@ fn gemm_pass(
         // SAFETY: every 32 × 32 block of the output was written once, overwriting it.
         unsafe { dst.assume_init() };
     }
-}
-
-thread_local! {
-    /// The packed left operand of this thread's last product, kept for the next one: a
-    /// training step runs thousands of products, and fresh megabyte buffers each cost their
-    /// pages' first-touch faults.
-    static A_BUFFER: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
-    /// The same for a task's packed right panels.
-    static B_BUFFER: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
-}
-
-/// This thread's kept buffer, `len` long (contents unspecified: packing overwrites it all).
-/// Taken out of the slot while in use, so a nested product on the same thread gets its own.
-fn take_buffer(slot: &'static LocalKey<Cell<Vec<u32>>>, len: usize) -> Vec<u32> {
-    let mut v = slot.take();
-    v.resize(len, 0);
-    v
-}
-
-/// Puts a buffer back for this thread's next product (the larger one, if a nested product
-/// returned one meanwhile).
-fn return_buffer(slot: &'static LocalKey<Cell<Vec<u32>>>, v: Vec<u32>) {
-    let held = slot.take();
-    slot.set(if held.capacity() > v.capacity() {
-        held
-    } else {
-        v
-    });
 }
 
 /// The 32 × 32 f32 sums of one block, as they leave the tiles (64-byte aligned, as tile

@@ -27,7 +27,9 @@ use rayon::prelude::*;
 use super::mat::{covers, gemm, Accum, MatMut, MatRef, Par};
 
 mod amx;
+mod pack;
 mod packed;
+mod passes;
 #[cfg(test)]
 mod tests;
 
@@ -269,23 +271,7 @@ pub trait PairRows: Sync {
         width: usize,
         out: &mut [u32],
     ) {
-        let rows = self.rows();
-        for (p, slot) in out.chunks_mut(width).take(kp).enumerate() {
-            let r = k0 + 2 * p;
-            for (j, s) in slot.iter_mut().enumerate() {
-                *s = if j < nj && r < rows {
-                    let lo = self.bits(r, j0 + j) as u32;
-                    let hi = if r + 1 < rows {
-                        self.bits(r + 1, j0 + j) as u32
-                    } else {
-                        0
-                    };
-                    lo | hi << 16
-                } else {
-                    0
-                };
-            }
-        }
+        pack_elementwise(self, k0, kp, j0, nj, width, out)
     }
 
     /// The same pairs column by column: `out[j·kp + p]` for `j < width` (the layout of an AMX
@@ -325,6 +311,41 @@ impl PairRows for MatRef<'_> {
         to_bits(self.at(i, j))
     }
 
+    fn pack_pairs(
+        &self,
+        k0: usize,
+        kp: usize,
+        j0: usize,
+        nj: usize,
+        width: usize,
+        out: &mut [u32],
+    ) {
+        let out = &mut out[..kp * width];
+        let rows = self.rows();
+        let len = (2 * kp).min(rows.saturating_sub(k0));
+        if nj > 0 && len > 0 && self.column_run(j0, k0, len).is_some() {
+            // `xᵀ` of a row-major activation: each column's pairs are adjacent values
+            let runs: Vec<&[f32]> = (j0..j0 + nj)
+                .map(|j| self.column_run(j, k0, len).unwrap_or_default())
+                .collect();
+            pack::pairs_along_runs(&runs, to_bits, kp, width, out);
+        } else if nj > 0 && len > 0 && self.row_run(k0, j0, nj).is_some() {
+            // a row-major matrix: each pair slot interleaves two rows
+            let row = |r: usize| self.row_run(r, j0, nj).unwrap_or_default();
+            for (p, slot) in out.chunks_exact_mut(width).enumerate() {
+                let r = k0 + 2 * p;
+                if r < rows {
+                    let hi = (r + 1 < rows).then(|| row(r + 1));
+                    pack::pairs_across_rows(row(r), hi, to_bits, slot);
+                } else {
+                    slot.fill(0);
+                }
+            }
+        } else {
+            pack_elementwise(self, k0, kp, j0, nj, width, out);
+        }
+    }
+
     fn pack_pairs_by_column(
         &self,
         k0: usize,
@@ -355,6 +376,36 @@ impl PairRows for MatRef<'_> {
                 col[full] = last;
                 col[full + 1..].fill(0);
             }
+        }
+    }
+}
+
+/// [`PairRows::pack_pairs`] element by element (any operand; views contiguous along either
+/// axis take the routes in `pack`).
+pub(super) fn pack_elementwise<P: PairRows + ?Sized>(
+    src: &P,
+    k0: usize,
+    kp: usize,
+    j0: usize,
+    nj: usize,
+    width: usize,
+    out: &mut [u32],
+) {
+    let rows = src.rows();
+    for (p, slot) in out.chunks_mut(width).take(kp).enumerate() {
+        let r = k0 + 2 * p;
+        for (j, s) in slot.iter_mut().enumerate() {
+            *s = if j < nj && r < rows {
+                let lo = src.bits(r, j0 + j) as u32;
+                let hi = if r + 1 < rows {
+                    src.bits(r + 1, j0 + j) as u32
+                } else {
+                    0
+                };
+                lo | hi << 16
+            } else {
+                0
+            };
         }
     }
 }
@@ -410,35 +461,30 @@ impl PairRows for Bf16Ref<'_> {
         out: &mut [u32],
     ) {
         let out = &mut out[..kp * width];
-        out.fill(0);
-        let bits = |r: usize, j: usize| self.data[r * self.rs + j * self.cs].to_bits() as u32;
+        let rows_left = self.rows.saturating_sub(k0);
         if self.rs == 1 {
             // a transposed row-major matrix (`Wᵀ`): each column's pairs are adjacent values
-            let len = (2 * kp).min(self.rows.saturating_sub(k0));
-            for j in 0..nj {
-                let run = &self.data[(j0 + j) * self.cs + k0..][..len];
-                for (p, v) in run.chunks(2).enumerate() {
-                    let hi = v.get(1).map_or(0, |h| h.to_bits() as u32);
-                    out[p * width + j] = v[0].to_bits() as u32 | hi << 16;
+            let len = (2 * kp).min(rows_left);
+            let run = |j: usize| match len {
+                0 => &[][..],
+                _ => &self.data[j * self.cs + k0..][..len],
+            };
+            let runs: Vec<&[bf16]> = (j0..j0 + nj).map(run).collect();
+            pack::pairs_along_runs(&runs, bf16::to_bits, kp, width, out);
+        } else if self.cs == 1 {
+            // a row-major matrix (`W`): each pair slot interleaves two rows
+            for (p, slot) in out.chunks_exact_mut(width).enumerate() {
+                let r = k0 + 2 * p;
+                let row = |r: usize| &self.data[r * self.rs + j0..][..nj];
+                if r < self.rows {
+                    let hi = (r + 1 < self.rows).then(|| row(r + 1));
+                    pack::pairs_across_rows(row(r), hi, bf16::to_bits, slot);
+                } else {
+                    slot.fill(0);
                 }
             }
         } else {
-            for p in 0..kp {
-                let r = k0 + 2 * p;
-                if r >= self.rows {
-                    break;
-                }
-                let slot = &mut out[p * width..][..nj];
-                if r + 1 < self.rows {
-                    for (j, s) in slot.iter_mut().enumerate() {
-                        *s = bits(r, j0 + j) | bits(r + 1, j0 + j) << 16;
-                    }
-                } else {
-                    for (j, s) in slot.iter_mut().enumerate() {
-                        *s = bits(r, j0 + j);
-                    }
-                }
-            }
+            pack_elementwise(self, k0, kp, j0, nj, width, out);
         }
     }
 

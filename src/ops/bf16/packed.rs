@@ -6,14 +6,22 @@
 //! [`KCP`] pairs × up to 16 panels of [`NR`] columns (`[panel][pair][column]`). The register
 //! tile is `MR × NR` = 12 × 32 f32 sums (24 of the 32 zmm registers): per pair, two loads of
 //! the right panel and, per row, one broadcast of the left pair and two dot-product steps. The
-//! BLIS loop order: per reduction block, each right panel (24 KiB) stays in L1 while [`MCP`]
-//! left panels (9 KiB each at a full block) stream past it.
+//! BLIS loop order: per reduction block, each right panel (64 KiB at a full block) stays in L2
+//! while [`MCP`] left panels (24 KiB each, L1's share) pass it. The tile's 24 sums are written
+//! out once per block, so the block is long: with 192 pairs (the right panel in L1) those
+//! stores and the reloads of partial sums held a single core at 80 % of `vdpbf16ps`'s rate on
+//! Zen 4; with 512 it reaches 85–88 % (docs/PERFORMANCE.md, session 18).
+//!
+//! A reduction too long for the left operand to be packed whole within [`A_PACK_MAX`] pairs
+//! (the head's `dlogits · E`) is taken in passes; the packing buffers are kept per thread
+//! between products (`passes`).
 //!
 //! Tasks split the output's columns (and its rows, when there are too few column panels to go
 //! round), so each writes a disjoint block of it.
 
 use rayon::prelude::*;
 
+use super::passes::{self, return_buffer, take_buffer, A_BUFFER, B_BUFFER};
 use super::{Bf16Kernel, PairRows};
 use crate::ops::mat::{Accum, MatMut, Par};
 
@@ -21,12 +29,15 @@ use crate::ops::mat::{Accum, MatMut, Par};
 pub(super) const MR: usize = 12;
 /// Columns of the register tile (two vectors of 16 lanes).
 pub(super) const NR: usize = 32;
-/// Pairs per reduction block (384 values).
-pub(super) const KCP: usize = 192;
-/// Left panels that pass one right panel while it stays in L1.
+/// Pairs per reduction block (1024 values).
+pub(super) const KCP: usize = 512;
+/// Left panels that pass one right panel while it stays in L2.
 const MCP: usize = 8;
-/// Most column panels one task packs (512 columns; its block is ≤ 384 KiB).
+/// Most column panels one task packs (512 columns).
 const TASK_PANELS: usize = 16;
+/// Most bytes of packed right panels one task holds (half the L2 of the cores measured), one
+/// panel at the least.
+const TASK_B_BYTES: usize = 512 << 10;
 
 /// One register tile's work: `kb` pairs of a left panel and a right panel into the output
 /// block at `c` (`mr × nr` valid, rows `ldc` apart).
@@ -67,6 +78,22 @@ impl Out {
 /// `dst [+]= scale · lhs · rhs` on the packed route (see the module comment).
 pub(super) fn gemm(
     kernel: Bf16Kernel,
+    dst: MatMut<'_>,
+    acc: Accum,
+    lhs_t: &dyn PairRows,
+    rhs: &dyn PairRows,
+    scale: f32,
+    par: Par,
+) {
+    let pass = |dst: MatMut<'_>, acc, lhs_t: &dyn PairRows, rhs: &dyn PairRows, scale, par| {
+        gemm_pass(kernel, dst, acc, lhs_t, rhs, scale, par)
+    };
+    passes::in_passes(dst, acc, lhs_t, rhs, scale, par, (MR, 2 * KCP), pass);
+}
+
+/// One pass of [`gemm`] over the whole reduction, the left operand packed whole.
+fn gemm_pass(
+    kernel: Bf16Kernel,
     mut dst: MatMut<'_>,
     acc: Accum,
     lhs_t: &dyn PairRows,
@@ -81,7 +108,7 @@ pub(super) fn gemm(
         Par::All if 2 * m * n * k >= 1 << 20 => rayon::current_num_threads(),
         _ => 1,
     };
-    let mut apack = vec![0u32; mpan * kp * MR];
+    let mut apack = take_buffer(&A_BUFFER, mpan * kp * MR);
     let pack_a = |(ip, panel): (usize, &mut [u32])| {
         let i0 = ip * MR;
         lhs_t.pack_pairs(0, kp, i0, MR.min(m - i0), MR, panel);
@@ -92,7 +119,8 @@ pub(super) fn gemm(
         apack.chunks_mut(kp * MR).enumerate().for_each(pack_a);
     }
     let want = if threads > 1 { 2 * threads } else { 1 };
-    let per_n = npan.div_ceil(want).clamp(1, TASK_PANELS);
+    let most_panels = (TASK_B_BYTES / (4 * NR * KCP.min(kp))).clamp(1, TASK_PANELS);
+    let per_n = npan.div_ceil(want).clamp(1, most_panels);
     let tasks_n = npan.div_ceil(per_n);
     let split_m = if tasks_n >= want {
         1
@@ -103,11 +131,11 @@ pub(super) fn gemm(
     let tasks_m = mpan.div_ceil(per_m);
     let (ptr, rs) = dst.raw();
     let out = Out { ptr, rs };
-    let apack = &apack;
+    let a_panels = &apack;
     let task = |t: usize| {
         let (jp0, ip0) = ((t % tasks_n) * per_n, (t / tasks_n) * per_m);
         let (jp1, ip1) = ((jp0 + per_n).min(npan), (ip0 + per_m).min(mpan));
-        let mut bpack = vec![0u32; KCP.min(kp) * NR * (jp1 - jp0)];
+        let mut bpack = take_buffer(&B_BUFFER, KCP.min(kp) * NR * (jp1 - jp0));
         for p0 in (0..kp).step_by(KCP) {
             let kb = KCP.min(kp - p0);
             for jp in jp0..jp1 {
@@ -124,7 +152,7 @@ pub(super) fn gemm(
                         let i0 = ip * MR;
                         let tile = Tile {
                             kb,
-                            a: &apack[(ip * kp + p0) * MR..][..kb * MR],
+                            a: &a_panels[(ip * kp + p0) * MR..][..kb * MR],
                             b,
                             // SAFETY: (i0, j0) is this task's, inside the output.
                             c: unsafe { out.at(i0, j0) },
@@ -142,6 +170,7 @@ pub(super) fn gemm(
                 }
             }
         }
+        return_buffer(&B_BUFFER, bpack);
     };
     let tasks = tasks_n * tasks_m;
     if tasks == 1 {
@@ -149,6 +178,7 @@ pub(super) fn gemm(
     } else {
         (0..tasks).into_par_iter().for_each(task);
     }
+    return_buffer(&A_BUFFER, apack);
     if acc == Accum::Write {
         // SAFETY: the first reduction block overwrote every tile of the output.
         unsafe { dst.assume_init() };

@@ -8,8 +8,9 @@
 
 use half::bf16;
 
-use super::amx::{A_PACK_MAX, KCQ, MB, NB, QP};
+use super::amx::{KCQ, MB, NB, QP};
 use super::packed::{KCP, MR, NR};
+use super::passes::A_PACK_MAX;
 use super::*;
 use crate::ops::Rng;
 
@@ -314,6 +315,51 @@ fn packing_by_column_transposes_packing_by_pair() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The fast packing routes (`pack`: views contiguous along the reduction axis or across it)
+/// write the same pairs as element-by-element packing, zeros included: odd row counts, a block
+/// that starts on the last row, blocks past the end, padded columns, an empty block.
+#[test]
+fn fast_packing_matches_element_by_element() {
+    let (rows, cols) = (37, 11);
+    let mut rng = Rng::new(4);
+    let v = values(rows * cols, &mut rng);
+    let vt: Vec<f32> = (0..rows * cols)
+        .map(|i| v[(i % rows) * cols + i / rows])
+        .collect();
+    let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+    let ht: Vec<bf16> = vt.iter().map(|&x| bf16::from_f32(x)).collect();
+    let views: [(&str, Box<dyn PairRows>); 4] = [
+        ("f32 rows", Box::new(MatRef::new(&v, rows, cols))),
+        ("f32 contiguous", Box::new(MatRef::new(&vt, cols, rows).t())),
+        ("bf16 rows", Box::new(Bf16Ref::new(&h, rows, cols))),
+        (
+            "bf16 contiguous",
+            Box::new(Bf16Ref::new(&ht, cols, rows).t()),
+        ),
+    ];
+    let blocks = [
+        (0, 19, 0, 11, 16),
+        (4, 16, 3, 5, 8),
+        (30, 8, 10, 1, 4),
+        (36, 3, 2, 9, 12),
+        (40, 2, 0, 11, 32),
+        (2, 0, 0, 11, 16),
+        (0, 4, 0, 0, 8),
+    ];
+    for (name, view) in &views {
+        for (k0, kp, j0, nj, width) in blocks {
+            let mut fast = vec![7u32; kp * width];
+            let mut slow = vec![7u32; kp * width];
+            view.pack_pairs(k0, kp, j0, nj, width, &mut fast);
+            pack_elementwise(view.as_ref(), k0, kp, j0, nj, width, &mut slow);
+            assert_eq!(
+                fast, slow,
+                "{name} k0={k0} kp={kp} j0={j0} nj={nj} width={width}"
+            );
         }
     }
 }

@@ -1,0 +1,68 @@
+//! Fast routes of [`PairRows::pack_pairs`](super::PairRows::pack_pairs) for views that lie
+//! contiguously in memory along one axis: the two layouts every training product's operands
+//! take (an activation `x` read as `xᵀ`, a weight as `W` or `Wᵀ`).
+//!
+//! Element-by-element packing (bounds and edge checks per value, a strided store per pair)
+//! cost about 3 ns a pair on Zen 4 — a tenth of a 1024-wide product's time. Here each loop
+//! walks memory in order with no per-element checks, so the rounding to bf16 vectorizes.
+
+/// Pairs along contiguous runs: `out[p·width + j]` = `(run_j[2p], run_j[2p + 1])` for
+/// `j < runs.len()`, the high half zero past a run's odd end, and zero for `p` past a run's
+/// end and in slots `runs.len()..width`. The runs are the reduction axis of a view with row
+/// stride 1 (a transposed row-major matrix); `bits` rounds one element to bf16 bits.
+///
+/// Each run is first turned into pairs in a scratch row (contiguous in and out), then the
+/// scratch rows are interleaved into `out` (contiguous out).
+pub(super) fn pairs_along_runs<T: Copy>(
+    runs: &[&[T]],
+    bits: impl Fn(T) -> u16,
+    kp: usize,
+    width: usize,
+    out: &mut [u32],
+) {
+    let nj = runs.len();
+    assert!(nj <= width && out.len() >= kp * width && runs.iter().all(|r| r.len() <= 2 * kp));
+    let mut scratch = vec![0u32; nj * kp];
+    for (row, run) in scratch.chunks_exact_mut(kp.max(1)).zip(runs) {
+        let pairs = run.chunks_exact(2);
+        let last = pairs.remainder().first().map(|&v| bits(v) as u32);
+        let full = pairs.len();
+        for (s, v) in row.iter_mut().zip(pairs) {
+            *s = bits(v[0]) as u32 | (bits(v[1]) as u32) << 16;
+        }
+        if let Some(last) = last {
+            row[full] = last;
+        }
+    }
+    for (p, slot) in out.chunks_exact_mut(width).take(kp).enumerate() {
+        for (s, row) in slot.iter_mut().zip(scratch.chunks_exact(kp)) {
+            *s = row[p];
+        }
+        slot[nj..].fill(0);
+    }
+}
+
+/// Pairs across two rows: `out[j]` = `(lo[j], hi[j])`, the high halves zero where `hi` is
+/// `None` (past the last row), zero in slots `lo.len()..`. One pair slot of a view with
+/// column stride 1 (a row-major matrix read as `W`).
+pub(super) fn pairs_across_rows<T: Copy>(
+    lo: &[T],
+    hi: Option<&[T]>,
+    bits: impl Fn(T) -> u16,
+    out: &mut [u32],
+) {
+    let nj = lo.len();
+    match hi {
+        Some(hi) => {
+            for ((s, &l), &h) in out.iter_mut().zip(lo).zip(&hi[..nj]) {
+                *s = bits(l) as u32 | (bits(h) as u32) << 16;
+            }
+        }
+        None => {
+            for (s, &l) in out.iter_mut().zip(lo) {
+                *s = bits(l) as u32;
+            }
+        }
+    }
+    out[nj..].fill(0);
+}
