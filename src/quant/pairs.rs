@@ -51,6 +51,11 @@ impl<'a> Nf4Pairs<'a> {
     /// Decodes `out.len()` elements from flat index `start` on as bf16 bits, one block table at
     /// a time and, within a block, a byte (two codes, high nibble first) at a time.
     fn decode_bits(&self, start: usize, out: &mut [u16]) {
+        self.decode_bits_with(start, out, wide_available());
+    }
+
+    /// [`Self::decode_bits`], 32 codes at a time where `wide` (see [`decode_wide`]).
+    fn decode_bits_with(&self, start: usize, out: &mut [u16], wide: bool) {
         let packed = self.w.packed;
         let mut i = start;
         let mut rest = out;
@@ -69,7 +74,8 @@ impl<'a> Nf4Pairs<'a> {
             };
             let (two, last) = seg.split_at_mut(seg.len() & !1);
             let bytes = &packed[i >> 1..][..two.len() / 2];
-            for (o, &b) in two.chunks_exact_mut(2).zip(bytes) {
+            let done = decode_wide(bytes, &table, two, wide);
+            for (o, &b) in two[2 * done..].chunks_exact_mut(2).zip(&bytes[done..]) {
                 o[0] = table[(b >> 4) as usize];
                 o[1] = table[(b & 0x0f) as usize];
             }
@@ -77,6 +83,64 @@ impl<'a> Nf4Pairs<'a> {
                 *o = table[(packed[(i + two.len()) >> 1] >> 4) as usize];
             }
             i = end;
+        }
+    }
+}
+
+/// Whether this CPU decodes codes 32 at a time (AVX-512 BW's 16-bit table lookup).
+fn wide_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Decodes the leading whole 16-byte groups of `bytes` (32 codes each, high nibble first)
+/// through `table` into `out` where `wide` (the CPU has AVX-512 BW); returns the bytes done,
+/// which the caller finishes one at a time. Table lookups of the same bits as the byte loop.
+fn decode_wide(bytes: &[u8], table: &[u16; 16], out: &mut [u16], wide: bool) -> usize {
+    let groups = bytes.len() / 16;
+    assert!(out.len() >= 32 * groups);
+    if !wide || groups == 0 {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `wide` says the CPU has AVX-512 BW; the slices cover `groups` groups (asserted).
+    unsafe {
+        x86::decode_groups(&bytes[..16 * groups], table, &mut out[..32 * groups]);
+        16 * groups
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("wide decoding is x86-64 only")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 16 bytes → 32 codes per step: each byte widened to a 32-bit lane holding its high
+    /// nibble in the low half and its low nibble in the high half (the two codes' order in
+    /// memory), then one 16-bit permute through the table's 16 entries.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW; `out` holds twice as many elements as `bytes`, a multiple
+    /// of 16.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn decode_groups(bytes: &[u8], table: &[u16; 16], out: &mut [u16]) {
+        // SAFETY: 16 entries of 2 bytes are one 256-bit load.
+        let t = _mm512_zextsi256_si512(unsafe { _mm256_loadu_si256(table.as_ptr().cast()) });
+        let low = _mm512_set1_epi32(0x0f);
+        for (b, o) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
+            // SAFETY: `b` is 16 bytes and `o` 32 u16s (64 bytes).
+            unsafe {
+                let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr().cast()));
+                let hi = _mm512_srli_epi32::<4>(x);
+                let lo = _mm512_slli_epi32::<16>(_mm512_and_si512(x, low));
+                let v = _mm512_permutexvar_epi16(_mm512_or_si512(hi, lo), t);
+                _mm512_storeu_si512(o.as_mut_ptr().cast(), v);
+            }
         }
     }
 }
@@ -222,6 +286,36 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The wide decoder (AVX-512 BW) writes the byte loop's bits, from odd and even starts,
+    /// across block edges, with runs shorter and longer than its 32-code step.
+    #[test]
+    fn wide_decoding_matches_the_byte_loop() {
+        if !wide_available() {
+            println!("skipped: this CPU lacks AVX-512 BW (the byte loop is what runs here)");
+            return;
+        }
+        let (out, inp) = (9, 320);
+        let mut rng = Rng::new(6);
+        let data: Vec<f32> = (0..out * inp).map(|_| rng.normal()).collect();
+        let q =
+            QuantizedWeight::quantize(&data, &[out, inp], Dtype::F32, QuantizeOptions::default())
+                .unwrap();
+        let pairs = Nf4Pairs::new(q.view(), Dtype::F32, false);
+        for (start, len) in [
+            (0, 64),
+            (1, 95),
+            (33, 200),
+            (64, 31),
+            (127, 700),
+            (2000, 880),
+        ] {
+            let (mut wide, mut narrow) = (vec![0u16; len], vec![0u16; len]);
+            pairs.decode_bits_with(start, &mut wide, true);
+            pairs.decode_bits_with(start, &mut narrow, false);
+            assert_eq!(wide, narrow, "start {start} len {len}");
         }
     }
 }
