@@ -10,7 +10,7 @@
 //! while [`MCP`] left panels (24 KiB each, L1's share) pass it. The tile's 24 sums are written
 //! out once per block, so the block is long: with 192 pairs (the right panel in L1) those
 //! stores and the reloads of partial sums held a single core at 80 % of `vdpbf16ps`'s rate on
-//! Zen 4; with 512 it reaches 85–88 % (docs/PERFORMANCE.md, session 18).
+//! Zen 4; with 512 it reaches 83–87 % (docs/PERFORMANCE.md, session 18).
 //!
 //! A reduction too long for the left operand to be packed whole within [`A_PACK_MAX`] pairs
 //! (the head's `dlogits · E`) is taken in passes; the packing buffers are kept per thread
