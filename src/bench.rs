@@ -54,6 +54,21 @@ pub struct QuantLine {
     pub vs_dense: Option<f64>,
 }
 
+impl QuantLine {
+    /// A product's line: `flops` done in `seconds`, with its ratio to the dense product's
+    /// time where it has one.
+    fn product(op: &str, shape: &str, seconds: f64, flops: f64, dense_s: Option<f64>) -> Self {
+        QuantLine {
+            op: op.to_string(),
+            shape: shape.to_string(),
+            seconds,
+            gb_per_s: None,
+            gflops: Some(flops / seconds / 1e9),
+            vs_dense: dense_s.map(|td| td / seconds),
+        }
+    }
+}
+
 /// The f32 and bf16 products side by side: `size³` and the training shapes of
 /// `llama-small-1024` (1024 tokens through its q/o, gate/up and down projections), f32 through
 /// gemm and bf16 on every kernel set this CPU has, each with its ratio to the f32 product.
@@ -73,25 +88,12 @@ fn gemm_lines(quick: bool) -> Vec<QuantLine> {
     for (m, n, k) in shapes {
         let shape = format!("{m}x{k}·{k}x{n}");
         let flops = 2.0 * (m * n * k) as f64;
-        let f32_gflops = ops::matmul_gflops((m, n, k), 3);
-        out.push(QuantLine {
-            op: "gemm f32".into(),
-            shape: shape.clone(),
-            seconds: flops / f32_gflops / 1e9,
-            gb_per_s: None,
-            gflops: Some(f32_gflops),
-            vs_dense: None,
-        });
+        let f32_s = flops / ops::matmul_gflops((m, n, k), 3) / 1e9;
+        out.push(QuantLine::product("gemm f32", &shape, f32_s, flops, None));
         for kernel in Bf16Kernel::ALL.into_iter().filter(|k| k.available()) {
-            let g = gemm_gflops(kernel, (m, n, k), 3);
-            out.push(QuantLine {
-                op: format!("gemm bf16 {}", kernel.name()),
-                shape: shape.clone(),
-                seconds: flops / g / 1e9,
-                gb_per_s: None,
-                gflops: Some(g),
-                vs_dense: Some(g / f32_gflops),
-            });
+            let s = flops / gemm_gflops(kernel, (m, n, k), 3) / 1e9;
+            let op = format!("gemm bf16 {}", kernel.name());
+            out.push(QuantLine::product(&op, &shape, s, flops, Some(f32_s)));
         }
     }
     out
@@ -161,41 +163,37 @@ pub fn quant(quick: bool) -> Vec<QuantLine> {
         let shape = format!("[{m}x{k}]·[{n}x{k}]ᵀ");
         let td = best_of(3, || sink += ops::matmul_nt(&x, m, &wd, n, k)[0]);
         let tq = best_of(3, || sink += qw.matmul_t(&x, m)[0]);
-        out.push(QuantLine {
-            op: "matmul f32 y=x·Wᵀ".into(),
-            shape: shape.clone(),
-            seconds: td,
-            gb_per_s: None,
-            gflops: Some(flops / td / 1e9),
-            vs_dense: None,
-        });
-        out.push(QuantLine {
-            op: "matmul nf4 y=x·Wᵀ".into(),
-            shape: shape.clone(),
-            seconds: tq,
-            gb_per_s: None,
-            gflops: Some(flops / tq / 1e9),
-            vs_dense: Some(td / tq),
-        });
+        out.push(QuantLine::product(
+            "matmul f32 y=x·Wᵀ",
+            &shape,
+            td,
+            flops,
+            None,
+        ));
+        out.push(QuantLine::product(
+            "matmul nf4 y=x·Wᵀ",
+            &shape,
+            tq,
+            flops,
+            Some(td),
+        ));
         let dy = data(m * n, 4);
         let td = best_of(3, || sink += ops::matmul_nn(&dy, m, &wd, n, k)[0]);
         let tq = best_of(3, || sink += qw.matmul(&dy, m)[0]);
-        out.push(QuantLine {
-            op: "matmul f32 dx=dy·W".into(),
-            shape: shape.clone(),
-            seconds: td,
-            gb_per_s: None,
-            gflops: Some(flops / td / 1e9),
-            vs_dense: None,
-        });
-        out.push(QuantLine {
-            op: "matmul nf4 dx=dy·W".into(),
-            shape,
-            seconds: tq,
-            gb_per_s: None,
-            gflops: Some(flops / tq / 1e9),
-            vs_dense: Some(td / tq),
-        });
+        out.push(QuantLine::product(
+            "matmul f32 dx=dy·W",
+            &shape,
+            td,
+            flops,
+            None,
+        ));
+        out.push(QuantLine::product(
+            "matmul nf4 dx=dy·W",
+            &shape,
+            tq,
+            flops,
+            Some(td),
+        ));
     }
     out.extend(nf4_bf16_lines(quick, &mut sink));
     std::hint::black_box(sink);
@@ -241,22 +239,12 @@ fn nf4_bf16_lines(quick: bool, sink: &mut f32) -> Vec<QuantLine> {
             ),
         ];
         for (what, td, tq) in pairs {
-            out.push(QuantLine {
-                op: format!("matmul bf16 dense {what}"),
-                shape: shape.clone(),
-                seconds: td,
-                gb_per_s: None,
-                gflops: Some(flops / td / 1e9),
-                vs_dense: None,
-            });
-            out.push(QuantLine {
-                op: format!("matmul bf16 nf4 {what}"),
-                shape: shape.clone(),
-                seconds: tq,
-                gb_per_s: None,
-                gflops: Some(flops / tq / 1e9),
-                vs_dense: Some(td / tq),
-            });
+            let (dense, nf4) = (
+                format!("matmul bf16 dense {what}"),
+                format!("matmul bf16 nf4 {what}"),
+            );
+            out.push(QuantLine::product(&dense, &shape, td, flops, None));
+            out.push(QuantLine::product(&nf4, &shape, tq, flops, Some(td)));
         }
     }
     out

@@ -278,28 +278,54 @@ fn rounding_matches_half_bit_for_bit() {
     }
 }
 
+/// A 37 × 11 matrix held four ways for the packing tests: f32 and bf16, row-major (contiguous
+/// across the reduction axis) and as the transpose of a row-major matrix (contiguous along it).
+struct PackViews {
+    v: Vec<f32>,
+    vt: Vec<f32>,
+    h: Vec<bf16>,
+    ht: Vec<bf16>,
+}
+
+impl PackViews {
+    const ROWS: usize = 37;
+    const COLS: usize = 11;
+
+    fn new(seed: u64) -> Self {
+        let (rows, cols) = (Self::ROWS, Self::COLS);
+        let v = values(rows * cols, &mut Rng::new(seed));
+        let vt: Vec<f32> = (0..rows * cols)
+            .map(|i| v[(i % rows) * cols + i / rows])
+            .collect();
+        let h = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        let ht = vt.iter().map(|&x| bf16::from_f32(x)).collect();
+        PackViews { v, vt, h, ht }
+    }
+
+    fn views(&self) -> [(&'static str, Box<dyn PairRows + '_>); 4] {
+        let (rows, cols) = (Self::ROWS, Self::COLS);
+        [
+            ("f32 rows", Box::new(MatRef::new(&self.v, rows, cols))),
+            (
+                "f32 contiguous",
+                Box::new(MatRef::new(&self.vt, cols, rows).t()),
+            ),
+            ("bf16 rows", Box::new(Bf16Ref::new(&self.h, rows, cols))),
+            (
+                "bf16 contiguous",
+                Box::new(Bf16Ref::new(&self.ht, cols, rows).t()),
+            ),
+        ]
+    }
+}
+
 /// Column-by-column packing holds the same pairs as [`PairRows::pack_pairs`], transposed, on
 /// every route: f32 and bf16 views with a contiguous reduction axis (the fast routes) and
 /// without (element by element), with odd row counts, blocks past the end and padded columns.
 #[test]
 fn packing_by_column_transposes_packing_by_pair() {
-    let (rows, cols) = (37, 11);
-    let mut rng = Rng::new(3);
-    let v = values(rows * cols, &mut rng);
-    let vt: Vec<f32> = (0..rows * cols)
-        .map(|i| v[(i % rows) * cols + i / rows])
-        .collect();
-    let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-    let ht: Vec<bf16> = vt.iter().map(|&x| bf16::from_f32(x)).collect();
-    let views: [(&str, Box<dyn PairRows>); 4] = [
-        ("f32 rows", Box::new(MatRef::new(&v, rows, cols))),
-        ("f32 contiguous", Box::new(MatRef::new(&vt, cols, rows).t())),
-        ("bf16 rows", Box::new(Bf16Ref::new(&h, rows, cols))),
-        (
-            "bf16 contiguous",
-            Box::new(Bf16Ref::new(&ht, cols, rows).t()),
-        ),
-    ];
+    let data = PackViews::new(3);
+    let views = data.views();
     for (name, view) in &views {
         for (k0, kp, j0, nj, width) in [(0, 19, 0, 11, 16), (4, 16, 3, 5, 8), (30, 8, 10, 1, 4)] {
             let mut by_pair = vec![7u32; kp * width];
@@ -324,23 +350,8 @@ fn packing_by_column_transposes_packing_by_pair() {
 /// that starts on the last row, blocks past the end, padded columns, an empty block.
 #[test]
 fn fast_packing_matches_element_by_element() {
-    let (rows, cols) = (37, 11);
-    let mut rng = Rng::new(4);
-    let v = values(rows * cols, &mut rng);
-    let vt: Vec<f32> = (0..rows * cols)
-        .map(|i| v[(i % rows) * cols + i / rows])
-        .collect();
-    let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-    let ht: Vec<bf16> = vt.iter().map(|&x| bf16::from_f32(x)).collect();
-    let views: [(&str, Box<dyn PairRows>); 4] = [
-        ("f32 rows", Box::new(MatRef::new(&v, rows, cols))),
-        ("f32 contiguous", Box::new(MatRef::new(&vt, cols, rows).t())),
-        ("bf16 rows", Box::new(Bf16Ref::new(&h, rows, cols))),
-        (
-            "bf16 contiguous",
-            Box::new(Bf16Ref::new(&ht, cols, rows).t()),
-        ),
-    ];
+    let data = PackViews::new(4);
+    let views = data.views();
     let blocks = [
         (0, 19, 0, 11, 16),
         (4, 16, 3, 5, 8),
