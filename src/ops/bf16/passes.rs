@@ -14,9 +14,9 @@ use crate::ops::mat::{Accum, MatMut, Par};
 pub(super) const A_PACK_MAX: usize = 2 << 20;
 
 /// `dst [+]= scale · lhs · rhs` in passes of `pass` (one pass of a route over the whole
-/// reduction of the operands it is given, its left one packed whole), each over a slice of the reduction that
-/// is a whole number of `step` rows and packs at most [`A_PACK_MAX`] pairs of the left
-/// operand (its rows rounded up to `row_unit`, the route's panel height).
+/// reduction of the operands it is given, its left one packed whole), each over a slice of the
+/// reduction that is a whole number of `step` rows and packs at most [`A_PACK_MAX`] pairs of
+/// the left operand (its rows rounded up to `row_unit`, the route's panel height).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn in_passes(
     mut dst: MatMut<'_>,
