@@ -51,10 +51,11 @@ impl<'a> Nf4Pairs<'a> {
     /// Decodes `out.len()` elements from flat index `start` on as bf16 bits, one block table at
     /// a time and, within a block, a byte (two codes, high nibble first) at a time.
     fn decode_bits(&self, start: usize, out: &mut [u16]) {
-        self.decode_bits_with(start, out, wide_available());
+        self.decode_bits_with(start, out, true);
     }
 
-    /// [`Self::decode_bits`], 32 codes at a time where `wide` (see [`decode_wide`]).
+    /// [`Self::decode_bits`], 32 codes at a time where `wide` allows it and the CPU can (see
+    /// [`decode_wide`]); the tests turn it off to check the byte loop on any CPU.
     fn decode_bits_with(&self, start: usize, out: &mut [u16], wide: bool) {
         let packed = self.w.packed;
         let mut i = start;
@@ -98,16 +99,18 @@ fn wide_available() -> bool {
 }
 
 /// Decodes the leading whole 16-byte groups of `bytes` (32 codes each, high nibble first)
-/// through `table` into `out` where `wide` (the CPU has AVX-512 BW); returns the bytes done,
-/// which the caller finishes one at a time. Table lookups of the same bits as the byte loop.
+/// through `table` into `out` where `wide` allows it and the CPU has AVX-512 BW; returns the
+/// bytes done, which the caller finishes one at a time. Table lookups of the same bits as the
+/// byte loop.
 fn decode_wide(bytes: &[u8], table: &[u16; 16], out: &mut [u16], wide: bool) -> usize {
     let groups = bytes.len() / 16;
     assert!(out.len() >= 32 * groups);
-    if !wide || groups == 0 {
+    if !wide || groups == 0 || !wide_available() {
         return 0;
     }
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `wide` says the CPU has AVX-512 BW; the slices cover `groups` groups (asserted).
+    // SAFETY: the CPU has AVX-512 BW (checked above); the slices cover `groups` groups
+    // (asserted).
     unsafe {
         x86::decode_groups(&bytes[..16 * groups], table, &mut out[..32 * groups]);
         16 * groups

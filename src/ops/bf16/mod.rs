@@ -332,15 +332,7 @@ impl PairRows for MatRef<'_> {
         } else if nj > 0 && len > 0 && self.row_run(k0, j0, nj).is_some() {
             // a row-major matrix: each pair slot interleaves two rows
             let row = |r: usize| self.row_run(r, j0, nj).unwrap_or_default();
-            for (p, slot) in out.chunks_exact_mut(width).enumerate() {
-                let r = k0 + 2 * p;
-                if r < rows {
-                    let hi = (r + 1 < rows).then(|| row(r + 1));
-                    pack::pairs_across_rows(row(r), hi, to_bits, slot);
-                } else {
-                    slot.fill(0);
-                }
-            }
+            pack::pairs_across_rows(row, rows, k0, to_bits, width, out);
         } else {
             pack_elementwise(self, k0, kp, j0, nj, width, out);
         }
@@ -473,16 +465,8 @@ impl PairRows for Bf16Ref<'_> {
             pack::pairs_along_runs(&runs, bf16::to_bits, kp, width, out);
         } else if self.cs == 1 {
             // a row-major matrix (`W`): each pair slot interleaves two rows
-            for (p, slot) in out.chunks_exact_mut(width).enumerate() {
-                let r = k0 + 2 * p;
-                let row = |r: usize| &self.data[r * self.rs + j0..][..nj];
-                if r < self.rows {
-                    let hi = (r + 1 < self.rows).then(|| row(r + 1));
-                    pack::pairs_across_rows(row(r), hi, bf16::to_bits, slot);
-                } else {
-                    slot.fill(0);
-                }
-            }
+            let row = |r: usize| &self.data[r * self.rs + j0..][..nj];
+            pack::pairs_across_rows(row, self.rows, k0, bf16::to_bits, width, out);
         } else {
             pack_elementwise(self, k0, kp, j0, nj, width, out);
         }

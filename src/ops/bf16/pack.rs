@@ -43,27 +43,35 @@ pub(super) fn pairs_along_runs<T: Copy>(
     }
 }
 
-/// Pairs across two rows: `out[j]` = `(lo[j], hi[j])`, the high halves zero where `hi` is
-/// `None` (past the last row), zero in slots `lo.len()..`. One pair slot of a view with
-/// column stride 1 (a row-major matrix read as `W`).
-pub(super) fn pairs_across_rows<T: Copy>(
-    lo: &[T],
-    hi: Option<&[T]>,
+/// Pairs across rows: `out[p·width + j]` = `(row(k0 + 2p)[j], row(k0 + 2p + 1)[j])` for the
+/// `rows` rows of a view with column stride 1 (a row-major matrix read as `W`), where `row(r)`
+/// is row `r`'s slice of the block's columns (all the same length, at most `width`); the high
+/// halves zero past the last row, whole slots zero past it, zero in the slots past the columns.
+pub(super) fn pairs_across_rows<'a, T: Copy + 'a>(
+    row: impl Fn(usize) -> &'a [T],
+    rows: usize,
+    k0: usize,
     bits: impl Fn(T) -> u16,
+    width: usize,
     out: &mut [u32],
 ) {
-    let nj = lo.len();
-    match hi {
-        Some(hi) => {
-            for ((s, &l), &h) in out.iter_mut().zip(lo).zip(&hi[..nj]) {
+    for (p, slot) in out.chunks_exact_mut(width).enumerate() {
+        let r = k0 + 2 * p;
+        if r >= rows {
+            slot.fill(0);
+            continue;
+        }
+        let lo = row(r);
+        let nj = lo.len();
+        if r + 1 < rows {
+            for ((s, &l), &h) in slot.iter_mut().zip(lo).zip(&row(r + 1)[..nj]) {
                 *s = bits(l) as u32 | (bits(h) as u32) << 16;
             }
-        }
-        None => {
-            for (s, &l) in out.iter_mut().zip(lo) {
+        } else {
+            for (s, &l) in slot.iter_mut().zip(lo) {
                 *s = bits(l) as u32;
             }
         }
+        slot[nj..].fill(0);
     }
-    out[nj..].fill(0);
 }
