@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::passes::{self, return_buffer, take_buffer, A_BUFFER, B_BUFFER};
+use super::passes::{self, return_buffer, take_buffer, Split, A_BUFFER, B_BUFFER};
 use super::PairRows;
 use crate::ops::mat::{Accum, MatMut, Par};
 
@@ -157,24 +157,15 @@ fn gemm_pass(
     } else {
         apack.chunks_mut(panel_len).enumerate().for_each(pack_a);
     }
-    let want = if threads > 1 { 2 * threads } else { 1 };
     let block = chunks * QP * NB;
     let most_panels = (TASK_B_BYTES / (4 * block)).clamp(1, TASK_PANELS);
-    let per_n = npan.div_ceil(want).clamp(1, most_panels);
-    let tasks_n = npan.div_ceil(per_n);
-    let split_m = if tasks_n >= want {
-        1
-    } else {
-        want.div_ceil(tasks_n).min(mpan)
-    };
-    let per_m = mpan.div_ceil(split_m);
-    let tasks_m = mpan.div_ceil(per_m);
+    let split = Split::new(npan, mpan, threads, most_panels);
     let (ptr, rs) = dst.raw();
     let out = Out { ptr, rs };
     let a_panels = &apack;
     let task = |t: usize| {
-        let (jp0, ip0) = ((t % tasks_n) * per_n, (t / tasks_n) * per_m);
-        let (jp1, ip1) = ((jp0 + per_n).min(npan), (ip0 + per_m).min(mpan));
+        let (cols, rows) = split.panels(t);
+        let (jp0, jp1, ip0, ip1) = (cols.start, cols.end, rows.start, rows.end);
         let mut bpack = take_buffer(&B_BUFFER, block * (jp1 - jp0));
         let mut scratch = Scratch([0f32; MB * NB]);
         let tiles = x86::Tiles::configure();
@@ -215,7 +206,7 @@ fn gemm_pass(
         drop(tiles);
         return_buffer(&B_BUFFER, bpack);
     };
-    let tasks = tasks_n * tasks_m;
+    let tasks = split.tasks();
     if tasks == 1 {
         task(0);
     } else {

@@ -1,9 +1,13 @@
 //! The packed route of the bf16 products (`avx512bf16` and `avx512f` kernel sets).
 //!
 //! Both operands are packed as bf16 pairs along the reduction axis (one `u32` per pair, the
-//! lower row in the low half), as `vdpbf16ps` reads them: the left operand whole, in panels of
-//! [`MR`] rows (`[pair][row]`), once per product; the right one per task, a block of
-//! [`KCP`] pairs × up to 16 panels of [`NR`] columns (`[panel][pair][column]`). The register
+//! lower row in the low half), as `vdpbf16ps` reads them: the left operand whole, once per
+//! product, in panels of [`MR`] rows; the right one per task, a block of [`KCP`] pairs × up to
+//! 16 panels of [`NR`] columns (`[panel][pair][column]`). A left panel of a reduction of a
+//! block or more is laid out `[block][row][pair]`, its rows [`KCP`] pairs apart (the last block
+//! padded), so each row packs as one contiguous run, converted without a transpose; the
+//! transposing `[pair][row]` layout had cost 12 % of a 1024³ product on Zen 4 (session 19).
+//! A shorter reduction keeps `[pair][row]` (no padding). The register
 //! tile is `MR × NR` = 12 × 32 f32 sums (24 of the 32 zmm registers): per pair, two loads of
 //! the right panel and, per row, one broadcast of the left pair and two dot-product steps. The
 //! BLIS loop order: per reduction block, each right panel (64 KiB at a full block) stays in L2
@@ -17,11 +21,11 @@
 //! between products (`passes`).
 //!
 //! Tasks split the output's columns (and its rows, when there are too few column panels to go
-//! round), so each writes a disjoint block of it.
+//! round; `passes::Split`), so each writes a disjoint block of it.
 
 use rayon::prelude::*;
 
-use super::passes::{self, return_buffer, take_buffer, A_BUFFER, B_BUFFER};
+use super::passes::{self, return_buffer, take_buffer, Split, A_BUFFER, B_BUFFER};
 use super::{Bf16Kernel, PairRows};
 use crate::ops::mat::{Accum, MatMut, Par};
 
@@ -44,6 +48,8 @@ const TASK_B_BYTES: usize = 512 << 10;
 struct Tile<'a> {
     kb: usize,
     a: &'a [u32],
+    /// The left panel is `[row][pair]`, rows [`KCP`] pairs apart (else `[pair][row]`).
+    by_rows: bool,
     b: &'a [u32],
     c: *mut f32,
     ldc: usize,
@@ -108,33 +114,40 @@ fn gemm_pass(
         Par::All if 2 * m * n * k >= 1 << 20 => rayon::current_num_threads(),
         _ => 1,
     };
-    let mut apack = take_buffer(&A_BUFFER, mpan * kp * MR);
+    // The left operand, panel by panel. With a full reduction block or more, in blocks of
+    // KCP pairs (the last one padded with zeros) whose rows lie KCP pairs apart
+    // (`[block][row][pair]`): each row's pairs are one contiguous run, packed without a
+    // transpose. A shorter reduction is packed pair by pair (`[pair][row]`) and padded nowhere.
+    let by_rows = kp >= KCP;
+    let panel_len = if by_rows {
+        kp.div_ceil(KCP) * KCP * MR
+    } else {
+        kp * MR
+    };
+    let mut apack = take_buffer(&A_BUFFER, mpan * panel_len);
     let pack_a = |(ip, panel): (usize, &mut [u32])| {
-        let i0 = ip * MR;
-        lhs_t.pack_pairs(0, kp, i0, MR.min(m - i0), MR, panel);
+        let (i0, rows) = (ip * MR, MR.min(m - ip * MR));
+        if by_rows {
+            for (b, block) in panel.chunks_mut(KCP * MR).enumerate() {
+                lhs_t.pack_pairs_by_column(2 * b * KCP, KCP, i0, rows, MR, block);
+            }
+        } else {
+            lhs_t.pack_pairs(0, kp, i0, rows, MR, panel);
+        }
     };
     if threads > 1 {
-        apack.par_chunks_mut(kp * MR).enumerate().for_each(pack_a);
+        apack.par_chunks_mut(panel_len).enumerate().for_each(pack_a);
     } else {
-        apack.chunks_mut(kp * MR).enumerate().for_each(pack_a);
+        apack.chunks_mut(panel_len).enumerate().for_each(pack_a);
     }
-    let want = if threads > 1 { 2 * threads } else { 1 };
     let most_panels = (TASK_B_BYTES / (4 * NR * KCP.min(kp))).clamp(1, TASK_PANELS);
-    let per_n = npan.div_ceil(want).clamp(1, most_panels);
-    let tasks_n = npan.div_ceil(per_n);
-    let split_m = if tasks_n >= want {
-        1
-    } else {
-        want.div_ceil(tasks_n).min(mpan)
-    };
-    let per_m = mpan.div_ceil(split_m);
-    let tasks_m = mpan.div_ceil(per_m);
+    let split = Split::new(npan, mpan, threads, most_panels);
     let (ptr, rs) = dst.raw();
     let out = Out { ptr, rs };
     let a_panels = &apack;
     let task = |t: usize| {
-        let (jp0, ip0) = ((t % tasks_n) * per_n, (t / tasks_n) * per_m);
-        let (jp1, ip1) = ((jp0 + per_n).min(npan), (ip0 + per_m).min(mpan));
+        let (cols, rows) = split.panels(t);
+        let (jp0, jp1, ip0, ip1) = (cols.start, cols.end, rows.start, rows.end);
         let mut bpack = take_buffer(&B_BUFFER, KCP.min(kp) * NR * (jp1 - jp0));
         for p0 in (0..kp).step_by(KCP) {
             let kb = KCP.min(kp - p0);
@@ -144,6 +157,8 @@ fn gemm_pass(
                 rhs.pack_pairs(2 * p0, kb, j0, NR.min(n - j0), NR, panel);
             }
             let overwrite = acc == Accum::Write && p0 == 0;
+            // a left panel's block: KCP pairs a row laid out by rows, else `kb` pairs
+            let a_len = if by_rows { KCP * MR } else { kb * MR };
             for ib in (ip0..ip1).step_by(MCP) {
                 for jp in jp0..jp1 {
                     let j0 = jp * NR;
@@ -152,7 +167,8 @@ fn gemm_pass(
                         let i0 = ip * MR;
                         let tile = Tile {
                             kb,
-                            a: &a_panels[(ip * kp + p0) * MR..][..kb * MR],
+                            a: &a_panels[ip * panel_len + p0 * MR..][..a_len],
+                            by_rows,
                             b,
                             // SAFETY: (i0, j0) is this task's, inside the output.
                             c: unsafe { out.at(i0, j0) },
@@ -172,7 +188,7 @@ fn gemm_pass(
         }
         return_buffer(&B_BUFFER, bpack);
     };
-    let tasks = tasks_n * tasks_m;
+    let tasks = split.tasks();
     if tasks == 1 {
         task(0);
     } else {
@@ -191,13 +207,21 @@ fn gemm_pass(
 /// The tile's output block must be valid for writes (and reads unless `overwrite`), and the
 /// kernel set available on this CPU.
 unsafe fn run_tile(kernel: Bf16Kernel, t: &Tile<'_>) {
-    assert!(t.a.len() >= t.kb * MR && t.b.len() >= t.kb * NR && t.mr <= MR && t.nr <= NR);
+    assert!(
+        t.kb <= KCP
+            && t.a.len() >= if t.by_rows { KCP } else { t.kb } * MR
+            && t.b.len() >= t.kb * NR
+            && t.mr <= MR
+            && t.nr <= NR
+    );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract; the slices cover `kb` pairs (asserted above).
     unsafe {
         match kernel {
-            Bf16Kernel::Avx512Bf16 => x86::tile_bf16(t),
-            Bf16Kernel::Avx512F => x86::tile_fma(t),
+            Bf16Kernel::Avx512Bf16 if t.by_rows => x86::tile_bf16::<KCP>(t),
+            Bf16Kernel::Avx512Bf16 => x86::tile_bf16::<0>(t),
+            Bf16Kernel::Avx512F if t.by_rows => x86::tile_fma::<KCP>(t),
+            Bf16Kernel::Avx512F => x86::tile_fma::<0>(t),
             Bf16Kernel::Portable | Bf16Kernel::Amx => {
                 unreachable!("the portable and AMX routes do not take register tiles")
             }
@@ -246,7 +270,7 @@ mod x86 {
             /// # Safety
             /// As `run_tile`: the CPU has the features; the slices hold `kb` pairs.
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(t: &Tile<'_>) {
+            pub(super) unsafe fn $name<const LDA: usize>(t: &Tile<'_>) {
                 let mut acc = [[_mm512_setzero_ps(); 2]; MR];
                 let (a, b) = (t.a.as_ptr(), t.b.as_ptr());
                 for p in 0..t.kb {
@@ -259,7 +283,8 @@ mod x86 {
                     };
                     for (r, row) in acc.iter_mut().enumerate() {
                         // SAFETY: as above.
-                        let av = _mm512_set1_epi32(unsafe { *a.add(p * MR + r) } as i32);
+                        let at = if LDA == 0 { p * MR + r } else { r * LDA + p };
+                        let av = _mm512_set1_epi32(unsafe { *a.add(at) } as i32);
                         row[0] = $dot(row[0], av, b0);
                         row[1] = $dot(row[1], av, b1);
                     }

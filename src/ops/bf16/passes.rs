@@ -3,6 +3,7 @@
 //! bounded, and the packing buffers each thread keeps from one product to the next.
 
 use std::cell::Cell;
+use std::ops::Range;
 use std::thread::LocalKey;
 
 use super::PairRows;
@@ -100,7 +101,8 @@ impl PairRows for Rows<'_> {
         width: usize,
         out: &mut [u32],
     ) {
-        if self.pairs_in(k0, kp) == kp {
+        // A slice that ends where the operand does is zero past its end as the operand is.
+        if self.pairs_in(k0, kp) == kp || self.k0 + self.rows == self.inner.rows() {
             self.inner
                 .pack_pairs_by_column(self.k0 + k0, kp, j0, nj, width, out);
         } else {
@@ -135,4 +137,54 @@ pub(super) fn return_buffer(slot: &'static LocalKey<Cell<Vec<u32>>>, v: Vec<u32>
     } else {
         v
     });
+}
+
+/// How a product's output is cut into tasks: by column panels first (each task packs its own
+/// right panels, at most `most_panels` of them), and by row panels as well when there are too
+/// few column panels to go round. With several threads there are at least two tasks per
+/// thread and the column tasks come in a multiple of the threads, panels shared out evenly (a
+/// task holds one panel more than another at most): 88 panels (2816 columns) in 11 tasks of 8
+/// had left one of two threads a task behind the other.
+pub(super) struct Split {
+    npan: usize,
+    mpan: usize,
+    tasks_n: usize,
+    tasks_m: usize,
+}
+
+impl Split {
+    /// The tasks for `npan` column panels and `mpan` row panels on `threads` threads.
+    pub(super) fn new(npan: usize, mpan: usize, threads: usize, most_panels: usize) -> Self {
+        let want = if threads > 1 { 2 * threads } else { 1 };
+        let mut tasks_n = npan.div_ceil(most_panels.max(1)).max(want.min(npan));
+        if threads > 1 {
+            tasks_n = tasks_n.next_multiple_of(threads).min(npan);
+        }
+        let tasks_n = tasks_n.max(1);
+        let tasks_m = if tasks_n >= want {
+            1
+        } else {
+            want.div_ceil(tasks_n).min(mpan).max(1)
+        };
+        Split {
+            npan,
+            mpan,
+            tasks_n,
+            tasks_m,
+        }
+    }
+
+    /// How many tasks.
+    pub(super) fn tasks(&self) -> usize {
+        self.tasks_n * self.tasks_m
+    }
+
+    /// Task `t`'s column panels and row panels.
+    pub(super) fn panels(&self, t: usize) -> (Range<usize>, Range<usize>) {
+        let share = |len: usize, parts: usize, i: usize| i * len / parts..(i + 1) * len / parts;
+        (
+            share(self.npan, self.tasks_n, t % self.tasks_n),
+            share(self.mpan, self.tasks_m, t / self.tasks_n),
+        )
+    }
 }

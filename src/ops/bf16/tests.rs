@@ -10,7 +10,7 @@ use half::bf16;
 
 use super::amx::{KCQ, MB, NB, QP};
 use super::packed::{KCP, MR, NR};
-use super::passes::A_PACK_MAX;
+use super::passes::{Split, A_PACK_MAX};
 use super::*;
 use crate::ops::Rng;
 
@@ -371,6 +371,48 @@ fn fast_packing_matches_element_by_element() {
                 fast, slow,
                 "{name} k0={k0} kp={kp} j0={j0} nj={nj} width={width}"
             );
+        }
+    }
+}
+
+/// Tasks cover every output panel once, hold even shares (one panel apart at most, `most` at
+/// the most), come in a multiple of the threads unless each holds a single column panel, and
+/// are at least two per thread where there are panels enough.
+#[test]
+fn tasks_share_the_panels_evenly() {
+    for threads in [1, 2, 3, 4] {
+        for npan in [1, 2, 3, 5, 11, 32, 88, 1000] {
+            for mpan in [1, 2, 7, 86] {
+                for most in [1, 8, 16] {
+                    let split = Split::new(npan, mpan, threads, most);
+                    let mut seen = vec![0u8; npan * mpan];
+                    for t in 0..split.tasks() {
+                        let (cols, rows) = split.panels(t);
+                        for j in cols {
+                            for i in rows.clone() {
+                                seen[i * npan + j] += 1;
+                            }
+                        }
+                    }
+                    let case = format!("{threads} threads, {npan} × {mpan} panels, {most}");
+                    assert!(seen.iter().all(|&c| c == 1), "{case}: coverage");
+                    let cols: Vec<usize> = (0..split.tasks())
+                        .map(|t| split.panels(t).0.len())
+                        .collect();
+                    let (lo, hi) = (cols.iter().min().unwrap(), cols.iter().max().unwrap());
+                    assert!(hi - lo <= 1 && *hi <= most, "{case}: shares {cols:?}");
+                    // a multiple of the threads, unless every task holds a single column panel
+                    assert!(
+                        split.tasks().is_multiple_of(threads) || *hi == 1,
+                        "{case}: {} tasks",
+                        split.tasks()
+                    );
+                    assert!(
+                        threads == 1 || split.tasks() >= (2 * threads).min(npan * mpan),
+                        "{case}"
+                    );
+                }
+            }
         }
     }
 }
