@@ -358,16 +358,7 @@ impl PairRows for MatRef<'_> {
             } else {
                 &[]
             };
-            let pairs = run.chunks_exact(2);
-            let last = pairs.remainder().first().map_or(0, |&v| to_bits(v) as u32);
-            let full = pairs.len();
-            for (s, v) in col.iter_mut().zip(pairs) {
-                *s = to_bits(v[0]) as u32 | (to_bits(v[1]) as u32) << 16;
-            }
-            if full < kp {
-                col[full] = last;
-                col[full + 1..].fill(0);
-            }
+            pack::run_pairs(run, to_bits, col);
         }
     }
 }
@@ -492,16 +483,7 @@ impl PairRows for Bf16Ref<'_> {
             } else {
                 &[]
             };
-            let pairs = run.chunks_exact(2);
-            let last = pairs.remainder().first().map_or(0, |v| v.to_bits() as u32);
-            let full = pairs.len();
-            for (s, v) in col.iter_mut().zip(pairs) {
-                *s = v[0].to_bits() as u32 | (v[1].to_bits() as u32) << 16;
-            }
-            if full < kp {
-                col[full] = last;
-                col[full + 1..].fill(0);
-            }
+            pack::run_pairs(run, bf16::to_bits, col);
         }
     }
 }

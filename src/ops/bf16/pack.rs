@@ -7,6 +7,23 @@
 //! fifth of a 1024³ one's. Here each loop walks memory in order with no per-element checks, so
 //! the rounding to bf16 vectorizes.
 
+/// One run's pairs into `slots`: `slots[p]` = `(run[2p], run[2p + 1])`, the high half zero
+/// past an odd end and the slots past the run zero (`run` holds at most `2·slots.len()`
+/// values); `bits` rounds one element to bf16 bits. One column of a left panel laid out by
+/// rows, or one scratch row of [`pairs_along_runs`].
+pub(super) fn run_pairs<T: Copy>(run: &[T], bits: impl Fn(T) -> u16, slots: &mut [u32]) {
+    let pairs = run.chunks_exact(2);
+    let last = pairs.remainder().first().map_or(0, |&v| bits(v) as u32);
+    let full = pairs.len();
+    for (s, v) in slots.iter_mut().zip(pairs) {
+        *s = bits(v[0]) as u32 | (bits(v[1]) as u32) << 16;
+    }
+    if full < slots.len() {
+        slots[full] = last;
+        slots[full + 1..].fill(0);
+    }
+}
+
 /// Pairs along contiguous runs: `out[p·width + j]` = `(run_j[2p], run_j[2p + 1])` for
 /// `j < runs.len()`, the high half zero past a run's odd end, and zero for `p` past a run's
 /// end and in slots `runs.len()..width`. The runs are the reduction axis of a view with row
@@ -25,15 +42,7 @@ pub(super) fn pairs_along_runs<T: Copy>(
     assert!(nj <= width && out.len() >= kp * width && runs.iter().all(|r| r.len() <= 2 * kp));
     let mut scratch = vec![0u32; nj * kp];
     for (row, run) in scratch.chunks_exact_mut(kp.max(1)).zip(runs) {
-        let pairs = run.chunks_exact(2);
-        let last = pairs.remainder().first().map(|&v| bits(v) as u32);
-        let full = pairs.len();
-        for (s, v) in row.iter_mut().zip(pairs) {
-            *s = bits(v[0]) as u32 | (bits(v[1]) as u32) << 16;
-        }
-        if let Some(last) = last {
-            row[full] = last;
-        }
+        run_pairs(run, &bits, row);
     }
     for (p, slot) in out.chunks_exact_mut(width).take(kp).enumerate() {
         for (s, row) in slot.iter_mut().zip(scratch.chunks_exact(kp)) {
