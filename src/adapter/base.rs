@@ -9,8 +9,9 @@ use std::borrow::Cow;
 use half::bf16;
 
 use crate::ops;
-use crate::ops::bf16::ComputeDtype;
+use crate::ops::bf16::{dropped, Bf16Ref, ComputeDtype, PairRows};
 use crate::ops::lowrank::{self, Input};
+use crate::ops::mask::KeepMask;
 use crate::quant::QuantizedWeight;
 
 /// A Linear layer's weight `W (out × in)`, frozen for adapter training.
@@ -138,6 +139,53 @@ impl BaseWeight {
         match self {
             BaseWeight::Quant(q) => q.matmul2(dy, dy2, n),
             _ => (self.backward_input(dy, n), self.backward_input(dy2, n)),
+        }
+    }
+
+    /// Whether PEFT-form DoRA's second base product is taken at the dropped elements only
+    /// ([`forward_dropped`](Self::forward_dropped), [`backward_input_dropped`](Self::backward_input_dropped)):
+    /// a weight computing in bf16 where those passes pay; else it is a second dense product.
+    pub fn takes_dropped_passes(&self) -> bool {
+        self.compute_dtype().is_bf16() && dropped::pays()
+    }
+
+    /// `x_d·Wᵀ` for `x_d = dropout(x)` under `mask`, given `y = x·Wᵀ`: `y` less the dropped
+    /// elements' product, scaled (see [`ops::bf16::dropped::forward`]).
+    ///
+    /// # Panics
+    /// If the weight computes in f32 (its products take the dense route), or the lengths do
+    /// not match `n`.
+    pub fn forward_dropped(&self, x: &[f32], y: &[f32], n: usize, mask: &KeepMask) -> Vec<f32> {
+        self.with_pairs(true, |wt| dropped::forward(x, y, n, wt, mask))
+    }
+
+    /// `dy·W + c·M⊙(g·W)` under `mask` (`c` its keep factor): PEFT-form DoRA's input gradient
+    /// through `y` and through `x_d`, from one dense product of `dy + c·g` (built in `g`) and
+    /// the second term at the dropped elements (see [`ops::bf16::dropped::backward`]).
+    ///
+    /// # Panics
+    /// As [`forward_dropped`](Self::forward_dropped).
+    pub fn backward_input_dropped(
+        &self,
+        dy: &[f32],
+        g: &mut [f32],
+        n: usize,
+        mask: &KeepMask,
+    ) -> Vec<f32> {
+        self.with_pairs(false, |w| {
+            dropped::backward(dy, g, n, w, mask, |a| self.backward_input(a, n))
+        })
+    }
+
+    /// Runs `f` on `W` or, `transposed`, `Wᵀ` as a bf16 pair operand.
+    fn with_pairs<T>(&self, transposed: bool, f: impl FnOnce(&dyn PairRows) -> T) -> T {
+        match self {
+            BaseWeight::DenseBf16 { w, out, inp } => {
+                let w = Bf16Ref::new(w, *out, *inp);
+                f(&if transposed { w.t() } else { w })
+            }
+            BaseWeight::Quant(q) if q.compute_dtype().is_bf16() => f(&q.bf16_pairs(transposed)),
+            _ => panic!("the dropped-element passes are for weights computing in bf16"),
         }
     }
 

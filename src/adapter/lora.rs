@@ -472,23 +472,33 @@ impl LoraAdapter {
         // PEFT's form of DoRA multiplies the dropped-out input by W as well: it is built here
         // (with room for A's rows, see below) and `u` taken from it, without a second mask.
         let base_dropout = d.dropout_form == DoraDropout::Peft && dropout.is_some();
-        let xd = dropout.as_ref().filter(|_| base_dropout).map(|dr| {
-            let mut xd = Vec::with_capacity((n + r) * inp);
-            xd.resize(n * inp, 0.0);
-            dr.apply(x, &mut xd);
-            xd
-        });
+        // In bf16 where it pays, `x_d·Wᵀ` is `x·Wᵀ` less the dropped elements' product.
+        let sparse = base_dropout && base.takes_dropped_passes();
+        let xd = dropout
+            .as_ref()
+            .filter(|_| base_dropout && !sparse)
+            .map(|dr| {
+                let mut xd = Vec::with_capacity((n + r) * inp);
+                xd.resize(n * inp, 0.0);
+                dr.apply(x, &mut xd);
+                xd
+            });
         let u = match &xd {
             Some(xd) => low.xd_at(xd, n, None),
             None => low.xd_at(x, n, dropout.as_ref()),
         };
         // `x_d·Wᵀ` (PEFT's form) from the same pass over the weight as `x·Wᵀ` and `W·Aᵀ`.
-        let (mut y, xd_wt, wat) = match xd {
-            Some(xd) => {
+        let (mut y, xd_wt, wat) = match (xd, &dropout) {
+            (Some(xd), _) => {
                 let (y, xd_wt, wat) = base.forward_pair_and_times_at(x, n, xd, &low.lora_a, r);
                 (y, Some(xd_wt), wat)
             }
-            None => {
+            (None, Some(dr)) if sparse => {
+                let (y, wat) = base.forward_and_times_at(x, n, &low.lora_a, r);
+                let xd_wt = base.forward_dropped(x, &y, n, &dr.mask());
+                (y, Some(xd_wt), wat)
+            }
+            _ => {
                 let (y, wat) = base.forward_and_times_at(x, n, &low.lora_a, r);
                 (y, None, wat)
             }
@@ -607,10 +617,16 @@ impl LoraAdapter {
         let base_dy: &[f32] = kdy.as_deref().unwrap_or(dy);
         // The base's input gradient, and PEFT-form DoRA's `((k−1)⊙dy)·W` through the
         // dropped-out base path from the same pass over the weight.
-        let (mut dx, extra) = match (&km1dy, want_dx) {
-            (_, false) => (None, None),
-            (None, true) => (Some(base.backward_input(base_dy, n)), None),
-            (Some(g1), true) => {
+        let (mut dx, extra) = match (km1dy.as_mut(), &dropout, want_dx) {
+            (_, _, false) => (None, None),
+            (None, _, true) => (Some(base.backward_input(base_dy, n)), None),
+            // in bf16 where it pays, both from one dense product (of `dy + c·g1`, built in g1)
+            // and the second term at the dropped elements
+            (Some(g1), Some(dr), true) if base.takes_dropped_passes() => {
+                let dx = base.backward_input_dropped(base_dy, g1, n, &dr.mask());
+                (Some(dx), None)
+            }
+            (Some(g1), _, true) => {
                 let (dx, extra) = base.backward_input2(base_dy, g1, n);
                 (Some(dx), Some(extra))
             }

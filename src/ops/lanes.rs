@@ -85,6 +85,14 @@ mod imp {
             _mm256_and_ps(_mm256_castsi256_ps(ge), splat(v))
         }
     }
+    /// Bit `l` set where lane `l` of `a` is below `th` (unsigned).
+    #[inline(always)]
+    pub fn lt_bits(a: U, th: u32) -> u8 {
+        unsafe {
+            let ge = _mm256_cmpeq_epi32(_mm256_max_epu32(a, usplat(th)), a);
+            !(_mm256_movemask_ps(_mm256_castsi256_ps(ge)) as u8)
+        }
+    }
     /// 8×8 transpose: lane `i` of output `j` is lane `j` of input `i`.
     #[inline(always)]
     pub fn transpose(r: [F; 8]) -> [F; 8] {
@@ -189,6 +197,12 @@ mod imp {
     #[inline(always)]
     pub fn select_ge(a: U, th: u32, v: f32) -> F {
         a.map(|x| if x >= th { v } else { 0.0 })
+    }
+    #[inline(always)]
+    pub fn lt_bits(a: U, th: u32) -> u8 {
+        a.iter()
+            .enumerate()
+            .fold(0, |m, (l, &x)| m | u8::from(x < th) << l)
     }
     #[inline(always)]
     pub fn transpose(r: [F; 8]) -> [F; 8] {
@@ -320,6 +334,11 @@ impl U8 {
     #[inline(always)]
     pub fn select_ge(self, th: u32, v: f32) -> F8 {
         F8(imp::select_ge(self.0, th, v))
+    }
+    /// Bit `l` set where lane `l` is below `th` (unsigned).
+    #[inline(always)]
+    pub fn lt_bits(self, th: u32) -> u8 {
+        imp::lt_bits(self.0, th)
     }
 }
 

@@ -61,13 +61,26 @@ impl KeepMask {
     /// [`factor`](Self::factor) of elements `e0..e0 + 8`, eight lanes at a time (the same hash).
     #[inline(always)]
     pub fn factors8(&self, e0: usize) -> F8 {
+        self.hash8(e0).select_ge(self.threshold, self.keep_scale)
+    }
+
+    /// Which of elements `e0..e0 + 8` are dropped: bit `l` for element `e0 + l` (the same
+    /// hash; the dropped-element products list them from it).
+    #[inline(always)]
+    pub fn dropped8(&self, e0: usize) -> u8 {
+        self.hash8(e0).lt_bits(self.threshold)
+    }
+
+    /// The hash of elements `e0..e0 + 8`, eight lanes at a time.
+    #[inline(always)]
+    fn hash8(&self, e0: usize) -> U8 {
         let fmix = |h: U8| {
             let h = (h ^ h.shr::<16>()) * U8::splat(0x85EB_CA6B);
             let h = (h ^ h.shr::<13>()) * U8::splat(0xC2B2_AE35);
             h ^ h.shr::<16>()
         };
         let e = U8::iota(e0 as u32) + U8::splat(self.k1);
-        fmix(fmix(e) ^ U8::splat(self.k2)).select_ge(self.threshold, self.keep_scale)
+        fmix(fmix(e) ^ U8::splat(self.k2))
     }
 }
 
@@ -80,8 +93,10 @@ mod tests {
         let m = KeepMask::new(0.3, 0xfeed_beef_1234);
         for e0 in [0usize, 5, 992] {
             let f = m.factors8(e0).to_array();
+            let dropped = m.dropped8(e0);
             for (l, &f) in f.iter().enumerate() {
                 assert_eq!(f, m.factor(e0 + l), "element {}", e0 + l);
+                assert_eq!(dropped >> l & 1 == 1, !m.kept(e0 + l), "element {}", e0 + l);
             }
         }
         // p = 0 keeps everything, at factor 1

@@ -378,6 +378,13 @@ impl QuantizedWeight {
         ops::bf16::matmul(x, m, &Nf4Pairs::new(self.view(), self.dtype, true))
     }
 
+    /// `W (out × in)` or, `transposed`, `Wᵀ` as a bf16 pair operand, the codes decoded as the
+    /// bf16 products decode them: what PEFT-form DoRA's dropped-element passes
+    /// (`ops::bf16::dropped`) read.
+    pub fn bf16_pairs(&self, transposed: bool) -> Nf4Pairs<'_> {
+        Nf4Pairs::new(self.view(), self.dtype, transposed)
+    }
+
     /// `dx = dy · W` with bf16 operands.
     fn matmul_bf16(&self, dy: &[f32], m: usize) -> Vec<f32> {
         ops::bf16::matmul(dy, m, &Nf4Pairs::new(self.view(), self.dtype, false))

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::mat::{covers, gemm, Accum, MatMut, MatRef, Par};
 
 mod amx;
+pub mod dropped;
 mod pack;
 mod packed;
 mod passes;
