@@ -18,6 +18,8 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::bands::Bands;
+use super::bf16::{from_bits, to_bits, ComputeDtype};
+use super::kept::Kept;
 use super::mat::{gemm, Accum, MatRef, Par};
 use super::math::{dot, softmax_replay, softmax_scaled};
 use super::uninit::{filled, filled_pair};
@@ -67,10 +69,33 @@ impl Span {
 
 /// What the forward keeps of the probabilities for backward.
 pub enum Probs {
-    /// (B·H, T, T) the probabilities themselves.
-    Kept(Vec<f32>),
-    /// (B·H·T) each probability row's softmax statistics (see [`softmax_replay`]).
-    Stats(Vec<[f32; 2]>),
+    /// (B·H, T, T) the probabilities themselves: f32, or bf16 in a bf16-compute run (see
+    /// [`Probs::keep_in`]).
+    Kept(Kept),
+    /// (B·H·T) each probability row's softmax statistics (see [`softmax_replay`]); where
+    /// `bf16`, backward rounds the replayed probabilities to bf16 as kept ones are rounded, so
+    /// that a checkpointed run takes the same gradients to the bit.
+    Stats {
+        /// Two statistics per row.
+        stats: Vec<[f32; 2]>,
+        /// Whether the block computes in bf16.
+        bf16: bool,
+    },
+}
+
+impl Probs {
+    /// Keeps kept probabilities as a run computing in `c` saves them: rounded to bf16 for bf16
+    /// (as autocast hands them to the `P·V` product, whose backward saves them so), unchanged
+    /// for f32; statistics stay f32. Returns the bytes held.
+    pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
+        match self {
+            Probs::Kept(p) => p.keep_in(c),
+            Probs::Stats { stats, bf16 } => {
+                *bf16 |= c.is_bf16();
+                stats.len() * 8
+            }
+        }
+    }
 }
 
 /// How [`probabilities`] takes each row's softmax: fresh (writing the row's statistics) or
@@ -221,9 +246,9 @@ pub fn forward(
         })
     };
     let probs = if keep_probs {
-        Probs::Kept(probs)
+        Probs::Kept(Kept::F32(probs))
     } else {
-        Probs::Stats(stats)
+        Probs::Stats { stats, bf16: false }
     };
     (ctx, probs)
 }
@@ -282,12 +307,33 @@ pub fn backward(
                             // query block q0..q1 sees keys 0..q1 (causal)
                             let kend = q1;
                             let pb: &[f32] = match probs {
-                                Probs::Kept(all) => &all[(head + q0) * t..(head + q1) * t],
-                                Probs::Stats(st) => {
+                                Probs::Kept(Kept::F32(all)) => {
+                                    &all[(head + q0) * t..(head + q1) * t]
+                                }
+                                // widened (exactly) into the scratch
+                                Probs::Kept(Kept::Bf16(all)) => {
+                                    let src = &all[(head + q0) * t..(head + q1) * t];
                                     let pb = &mut p[..rows * t];
-                                    let st = Softmax::Replay(&st[head + q0..head + q1]);
+                                    for (d, s) in pb.iter_mut().zip(src) {
+                                        d.write(s.to_f32());
+                                    }
+                                    // every element of pb was written just above (inside
+                                    // the product's unsafe block)
+                                    &*(pb as *const [MaybeUninit<f32>] as *const [f32])
+                                }
+                                Probs::Stats { stats, bf16 } => {
+                                    let pb = &mut p[..rows * t];
+                                    let st = Softmax::Replay(&stats[head + q0..head + q1]);
                                     let blk = Block { bi, hi, q0, q1 };
-                                    probabilities(hd, (q, k), span, blk, pb, st).0
+                                    let pb = probabilities(hd, (q, k), span, blk, pb, st).0;
+                                    if *bf16 {
+                                        for row in pb.chunks_mut(t) {
+                                            for v in &mut row[..kend] {
+                                                *v = from_bits(to_bits(*v));
+                                            }
+                                        }
+                                    }
+                                    pb
                                 }
                             };
                             let dpb = &mut dp[..rows * t];

@@ -52,14 +52,14 @@ impl MemoryEstimate {
             && (cfg.dora_dropout == DoraDropout::LoraOnly || cfg.lora_dropout == 0.0);
         let mlp_kept = if factors { 0.0 } else { 2.0 * n * f };
         // saved activations take 2 bytes a value where the blocks compute in bf16 (q, k, the
-        // probabilities, their statistics and checkpointed inputs stay f32)
+        // softmax statistics and checkpointed inputs stay f32)
         let kept_bytes = match model.layers.first().map(|l| l.compute_dtype().is_bf16()) {
             Some(true) => 2.0,
             _ => 4.0,
         };
         let per_block =
             kept_bytes * (5.0 * n * d + n * (q + kv) + mlp_kept + dora_z) + 4.0 * n * (q + kv);
-        let (block_full, block_lean) = (per_block + 4.0 * probs, per_block + 4.0 * stats);
+        let (block_full, block_lean) = (per_block + kept_bytes * probs, per_block + 4.0 * stats);
         let layers = c.num_hidden_layers as f64;
         // one chunk of logits (the head forms them `CHUNK_ROWS` positions at a time, or
         // `LEAN_CHUNK_ROWS` with checkpointing)

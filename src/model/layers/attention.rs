@@ -73,7 +73,7 @@ pub struct AttentionSaved {
 
 impl AttentionSaved {
     /// Keeps the saved activations as a run computing in `c` saves them (see [`Kept`]): `v`,
-    /// o_proj's input and the adapters' state. `q` and `k` stay f32 with the probabilities:
+    /// o_proj's input, the kept probabilities and the adapters' state. `q` and `k` stay f32:
     /// backward may replay the softmax from its statistics, which holds only for the scores
     /// the forward took (the f32 `q·kᵀ`). Returns the bytes those activations hold.
     pub fn keep_in(&mut self, c: ComputeDtype) -> usize {
@@ -87,7 +87,7 @@ impl AttentionSaved {
         .map(|l| l.keep_in(c))
         .sum();
         let qk = 4 * (self.q.len() + self.k.len());
-        let v_ctx = self.v.keep_in(c) + self.ctx.keep_in(c);
+        let v_ctx = self.v.keep_in(c) + self.ctx.keep_in(c) + self.probs.keep_in(c);
         let norms = self
             .qk_norm
             .as_mut()

@@ -43,7 +43,7 @@ pub enum BlockSaved {
 }
 
 /// All activations of one block: f32, or bf16 where the block computes in bf16 (see
-/// [`Kept`]; the norms' statistics, attention's probabilities, `q` and `k` stay f32).
+/// [`Kept`]; the norms' statistics, attention's softmax statistics, `q` and `k` stay f32).
 pub struct FullSaved {
     /// (N, D) block input.
     x: Kept,
@@ -62,7 +62,7 @@ pub struct FullSaved {
 
 impl FullSaved {
     /// Keeps every saved activation as a run computing in `c` saves it; returns the bytes
-    /// they hold (not counting the norms' statistics and attention's probabilities).
+    /// they hold (not counting the norms' statistics).
     fn keep_in(&mut self, c: ComputeDtype) -> usize {
         let own: usize = [&mut self.x, &mut self.a_in, &mut self.h, &mut self.m_in]
             .into_iter()
@@ -359,8 +359,9 @@ mod tests {
     }
 
     /// A block computing in bf16 keeps its saved activations in bf16: half the bytes of the
-    /// f32 one's for the block input, norm outputs, residual, `v`, context, DoRA's `z` of each
-    /// projection, and the MLP's gate/up outputs where not held as factors; `q` and `k` stay
+    /// f32 one's for the block input, norm outputs, residual, `v`, context, attention's
+    /// probabilities, DoRA's `z` of each projection, and the MLP's gate/up outputs where not
+    /// held as factors; `q` and `k` stay
     /// f32 (a softmax replayed from its statistics needs the forward's scores). Its
     /// gradients, from the rounded activations, stay within bf16's reach of the f32 ones
     /// (2⁻⁸ relative per value, a few of them through each product: 3 % of the norm),
@@ -390,9 +391,10 @@ mod tests {
                     blk.forward_full(x.clone(), (b, t), &rope, &mut Rng::new(9), pass);
                 full.keep_in(c)
             };
-            // 4 (N, D) block tensors, v and ctx, g and u (PEFT-form DoRA with dropout holds
+            // 4 (N, D) block tensors, v and ctx, the probabilities, g and u (PEFT-form DoRA with dropout holds
             // no factors); DoRA: z of every projection; and q, k in f32
-            let mut rounded = n * (4 * d + 2 * qd + 2 * f);
+            // (the probabilities: 2 heads of t × t per sequence)
+            let mut rounded = n * (4 * d + 2 * qd + 2 * f) + b * 2 * t * t;
             if kind == AdapterKind::Dora {
                 rounded += n * (3 * qd + d + 2 * f + d);
             }
