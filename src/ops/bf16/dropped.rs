@@ -420,19 +420,7 @@ fn native() -> bool {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `acc += a.lo·b.lo + a.hi·b.hi` per lane.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    #[inline]
-    fn dp(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
-        // SAFETY: both are 512-bit vectors; the bf16 vector type is the same bits.
-        let (a, b) = unsafe {
-            (
-                std::mem::transmute::<__m512i, __m512bh>(a),
-                std::mem::transmute::<__m512i, __m512bh>(b),
-            )
-        };
-        _mm512_dpbf16_ps(acc, a, b)
-    }
+    use super::super::packed::x86::dot_bf16 as dp;
 
     /// [`super::row_sums`] for `16·NB` columns, the entries dealt in turn to `S` sets of sums
     /// (so that `S·NB` chains of `vdpbf16ps` run at once: one chain waits on its latency).

@@ -232,15 +232,16 @@ unsafe fn run_tile(kernel: Bf16Kernel, t: &Tile<'_>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Tile, MR, NR};
 
-    /// One pair step with `vdpbf16ps`: `acc[i] += a.lo·b.lo + a.hi·b.hi` per lane.
+    /// One pair step with `vdpbf16ps`: `acc[i] += a.lo·b.lo + a.hi·b.hi` per lane (also the
+    /// step of the dropped-element passes, `super::super::dropped`).
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
-    fn dot_bf16(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+    pub(in crate::ops::bf16) fn dot_bf16(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
         // SAFETY: both are 512-bit vectors; the bf16 vector type is the same bits.
         let (a, b) = unsafe {
             (
