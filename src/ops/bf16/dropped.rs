@@ -25,6 +25,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::pack::run_pairs;
 use super::{from_bits, to_bits, Bf16Kernel, PairRows};
 use crate::ops::mask::KeepMask;
 use crate::ops::par::PAR_CHUNK;
@@ -236,17 +237,8 @@ fn backward_with(
         .zip(g.par_chunks_mut(out))
         .zip(dy.par_chunks(out))
         .for_each(|((b, g), d)| {
-            let whole = out / 2;
-            for (p, b) in b[..whole].iter_mut().enumerate() {
-                let (g0, g1) = (g[2 * p], g[2 * p + 1]);
-                *b = to_bits(g0) as u32 | (to_bits(g1) as u32) << 16;
-                g[2 * p] = d[2 * p] + c * g0;
-                g[2 * p + 1] = d[2 * p + 1] + c * g1;
-            }
-            if out % 2 == 1 {
-                b[whole] = to_bits(g[out - 1]) as u32;
-                g[out - 1] = d[out - 1] + c * g[out - 1];
-            }
+            run_pairs(g, to_bits, b);
+            g.iter_mut().zip(d).for_each(|(g, &d)| *g = d + c * *g);
         });
     let mut dx = dense(g);
     assert_eq!(
