@@ -37,15 +37,24 @@ impl<'a> Nf4Pairs<'a> {
     /// The 16 values of block `b` as bf16 bits: `code · absmax`, rounded to the stored dtype,
     /// then to bf16 (what `dequantize_4bit` returns, read in bf16), computed once per block of
     /// codes instead of once per element.
+    /// A plain loop over fixed-size arrays, so that it compiles to a few 16-lane instructions
+    /// (`array::map` had stayed an out-of-line call per block, 1.5 % of a QDoRA bf16 step).
     #[inline]
     fn block_bits(&self, b: usize) -> [u16; 16] {
         let a = self.w.absmax[b];
-        let mut v: [f32; 16] = std::array::from_fn(|n| self.w.code[n] * a);
-        // bf16 twice is bf16 once: only f16 needs its own rounding first
+        let code: &[f32; 16] = self.w.code;
+        let mut out = [0u16; 16];
         if self.dtype == Dtype::F16 {
-            v.iter_mut().for_each(|x| *x = Dtype::F16.round(*x));
+            for (o, &c) in out.iter_mut().zip(code) {
+                *o = to_bits(Dtype::F16.round(c * a));
+            }
+        } else {
+            // bf16 twice is bf16 once: only f16 needs its own rounding first
+            for (o, &c) in out.iter_mut().zip(code) {
+                *o = to_bits(c * a);
+            }
         }
-        v.map(to_bits)
+        out
     }
 
     /// Decodes `out.len()` elements from flat index `start` on as bf16 bits, one block table at
