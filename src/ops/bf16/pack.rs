@@ -7,6 +7,8 @@
 //! fifth of a 1024³ one's. Here each loop walks memory in order with no per-element checks, so
 //! the rounding to bf16 vectorizes.
 
+use std::cell::RefCell;
+
 /// One run's pairs into `slots`: `slots[p]` = `(run[2p], run[2p + 1])`, the high half zero
 /// past an odd end and the slots past the run zero (`run` holds at most `2·slots.len()`
 /// values); `bits` rounds one element to bf16 bits. One column of a left panel laid out by
@@ -29,8 +31,10 @@ pub(super) fn run_pairs<T: Copy>(run: &[T], bits: impl Fn(T) -> u16, slots: &mut
 /// end and in slots `runs.len()..width`. The runs are the reduction axis of a view with row
 /// stride 1 (a transposed row-major matrix); `bits` rounds one element to bf16 bits.
 ///
-/// Each run is first turned into pairs in a scratch row (contiguous in and out), then the
-/// scratch rows are interleaved into `out` (contiguous out).
+/// Each run is first turned into pairs in a scratch row (contiguous in and out, so the rounding
+/// vectorizes), then the scratch rows are interleaved into `out`. The scratch is kept per
+/// thread: the attention core packs thousands of small panels a step, and allocating and
+/// zeroing it each time had cost as much as the interleave.
 pub(super) fn pairs_along_runs<T: Copy>(
     runs: &[&[T]],
     bits: impl Fn(T) -> u16,
@@ -40,16 +44,34 @@ pub(super) fn pairs_along_runs<T: Copy>(
 ) {
     let nj = runs.len();
     assert!(nj <= width && out.len() >= kp * width && runs.iter().all(|r| r.len() <= 2 * kp));
-    let mut scratch = vec![0u32; nj * kp];
-    for (row, run) in scratch.chunks_exact_mut(kp.max(1)).zip(runs) {
-        run_pairs(run, &bits, row);
+    if kp == 0 {
+        return;
     }
-    for (p, slot) in out.chunks_exact_mut(width).take(kp).enumerate() {
-        for (s, row) in slot.iter_mut().zip(scratch.chunks_exact(kp)) {
-            *s = row[p];
+    let out = &mut out[..kp * width];
+    RUN_SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < nj * kp {
+            scratch.resize(nj * kp, 0);
         }
-        slot[nj..].fill(0);
+        let scratch = &mut scratch[..nj * kp];
+        for (row, run) in scratch.chunks_exact_mut(kp).zip(runs) {
+            run_pairs(run, &bits, row);
+        }
+        for (j, row) in scratch.chunks_exact(kp).enumerate() {
+            for (o, &v) in out[j..].iter_mut().step_by(width).zip(row) {
+                *o = v;
+            }
+        }
+    });
+    if nj < width {
+        for slot in out.chunks_exact_mut(width) {
+            slot[nj..].fill(0);
+        }
     }
+}
+
+thread_local! {
+    /// [`pairs_along_runs`]'s scratch rows, kept from one call to the next.
+    static RUN_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Pairs across rows: `out[p·width + j]` = `(row(k0 + 2p)[j], row(k0 + 2p + 1)[j])` for the
