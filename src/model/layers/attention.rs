@@ -114,6 +114,12 @@ pub struct AttentionGrads {
 }
 
 impl Attention {
+    /// What the core's products compute in: the projections' (one block computes in one
+    /// dtype).
+    fn compute_dtype(&self) -> ComputeDtype {
+        self.q_proj.compute_dtype()
+    }
+
     /// The heads the core kernel works on.
     fn heads(&self) -> Heads {
         Heads {
@@ -172,6 +178,7 @@ impl Attention {
             k = kn.forward(&k);
         }
         let pos0 = cache.as_ref().map_or(0, |c| c.k.len() / (hkv * dh));
+        let cd = self.compute_dtype();
         rope.apply(&mut q, h, |i| pos0 + i % t, false);
         rope.apply(&mut k, hkv, |i| pos0 + i % t, false);
         let ctx = match cache {
@@ -186,9 +193,12 @@ impl Attention {
                     tk,
                     pos0,
                 };
-                core::forward(&self.heads(), (&q, &c.k, &c.v), span, false).0
+                core::forward(&self.heads(), (&q, &c.k, &c.v), span, false, cd).0
             }
-            None => core::forward(&self.heads(), (&q, &k, &v), Span::square(b, t), false).0,
+            None => {
+                let span = Span::square(b, t);
+                core::forward(&self.heads(), (&q, &k, &v), span, false, cd).0
+            }
         };
         self.o_proj.forward(&ctx, n)
     }
@@ -226,7 +236,8 @@ impl Attention {
         rope.apply(&mut q, h, |i| i % t, false);
         rope.apply(&mut k, hkv, |i| i % t, false);
         let span = Span::square(b, t);
-        let (ctx, probs) = core::forward(&self.heads(), (&q, &k, &v), span, keep_probs);
+        let c = self.compute_dtype();
+        let (ctx, probs) = core::forward(&self.heads(), (&q, &k, &v), span, keep_probs, c);
         let (y, o_lin) = self.o_proj.forward_train(&ctx, n, rng);
         (
             y,
@@ -277,7 +288,8 @@ impl Attention {
         let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx.f32(), dy, n);
         drop(ctx);
         let v = v.f32();
-        let (mut dq, mut dk, dv) = core::backward(&hd, (&q, &k, &v), &probs, &dctx, (b, t));
+        let c = self.compute_dtype();
+        let (mut dq, mut dk, dv) = core::backward(&hd, (&q, &k, &v), &probs, &dctx, (b, t), c);
         drop((q, k, v));
         let (h, hkv) = (hd.heads, hd.kv_heads);
         drop(probs);

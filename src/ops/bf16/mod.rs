@@ -224,16 +224,25 @@ impl<'a> Bf16Ref<'a> {
     /// If `data` is too short for the shape.
     #[track_caller]
     pub fn new(data: &'a [bf16], rows: usize, cols: usize) -> Self {
+        Self::strided(data, rows, cols, cols)
+    }
+
+    /// A row-major `rows × cols` matrix whose rows start `row_stride` elements apart.
+    ///
+    /// # Panics
+    /// If `data` is too short for the shape.
+    #[track_caller]
+    pub fn strided(data: &'a [bf16], rows: usize, cols: usize, row_stride: usize) -> Self {
         assert!(
-            covers(data.len(), rows, cols, cols, 1),
-            "Bf16Ref: {} elements for {rows}×{cols}",
+            covers(data.len(), rows, cols, row_stride, 1),
+            "Bf16Ref: {} elements for {rows}×{cols} with row stride {row_stride}",
             data.len()
         );
         Bf16Ref {
             data,
             rows,
             cols,
-            rs: cols,
+            rs: row_stride,
             cs: 1,
         }
     }
