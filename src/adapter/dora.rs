@@ -139,10 +139,10 @@ pub(super) fn combine_base_dropout(y: &mut [f32], z: &mut [f32], v: &[f32], k: &
         });
 }
 
-/// DoRA's output-side gradients in one pass over `dy`: `k⊙dy` (N, out), written over `z` once
-/// each element of `z` has been read (no new buffer), `(k−1)⊙dy` when the base saw the
-/// dropped-out input, and `dm = Σ_rows dy⊙z / ‖·‖` (out; partial sums per fixed row block,
-/// added in order, so the result does not depend on thread scheduling).
+/// DoRA's output-side gradients in one pass over `dy`: `k⊙dy` (N, out), `(k−1)⊙dy` when the
+/// base saw the dropped-out input, and `dm = Σ_rows dy⊙z / ‖·‖` (out; partial sums per fixed
+/// row block, added in order, so the result does not depend on thread scheduling). `z` is read
+/// as it was kept: a bf16 `z` is widened in the same pass, not into a buffer of its own first.
 pub(super) fn output_grads(
     dy: &[f32],
     d: DoraSaved,
@@ -155,24 +155,12 @@ pub(super) fn output_grads(
         z,
         base_dropout,
     } = d;
-    let mut z = z.into_f32();
     assert!(dy.len() == n * out && z.len() == n * out, "DoRA dy/z shape");
-    let block = out * ROWS;
-    let partials: Vec<Vec<f32>> = z
-        .par_chunks_mut(block)
-        .zip(dy.par_chunks(block))
-        .map(|(zr, dr)| {
-            let mut acc = vec![0f32; out];
-            for (z, dy) in zr.chunks_mut(out).zip(dr.chunks(out)) {
-                // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
-                for ((a, z), (&dy, &k)) in acc.iter_mut().zip(z).zip(dy.iter().zip(&k)) {
-                    *a += dy * *z;
-                    *z = k * dy;
-                }
-            }
-            acc
-        })
-        .collect();
+    let (kdy, partials) = match &z {
+        Kept::F32(z) => scaled_with_sums(dy, z, &k, out, |v| v),
+        Kept::Bf16(z) => scaled_with_sums(dy, z, &k, out, |v| v.to_f32()),
+    };
+    drop(z);
     let g1 = base_dropout.then(|| {
         let km1: Vec<f32> = k.iter().map(|k| k - 1.0).collect();
         scale_columns(dy, out, &km1)
@@ -181,7 +169,43 @@ pub(super) fn output_grads(
     for (v, nn) in dm.iter_mut().zip(&norm) {
         *v /= nn.max(NORM_EPS);
     }
-    (z, g1, dm)
+    (kdy, g1, dm)
+}
+
+/// `k⊙dy` into a new buffer, and per block of [`ROWS`] rows the column sums of `dy⊙z`, `z`
+/// widened to f32 by `widen` as it is read.
+fn scaled_with_sums<Z: Copy + Sync>(
+    dy: &[f32],
+    z: &[Z],
+    k: &[f32],
+    out: usize,
+    widen: impl Fn(Z) -> f32 + Sync,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let len = dy.len();
+    assert!(z.len() == len && k.len() == out && len.is_multiple_of(out.max(1)));
+    let block = out * ROWS;
+    let mut kdy = Vec::with_capacity(len);
+    let partials = kdy.spare_capacity_mut()[..len]
+        .par_chunks_mut(block)
+        .zip(dy.par_chunks(block).zip(z.par_chunks(block)))
+        .map(|(gb, (db, zb))| {
+            let mut acc = vec![0f32; out];
+            let rows = gb.chunks_mut(out).zip(db.chunks(out).zip(zb.chunks(out)));
+            for (g, (dy, z)) in rows {
+                // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
+                let cols = acc.iter_mut().zip(g).zip(dy.iter().zip(z).zip(k));
+                for ((a, g), ((&dy, &z), &k)) in cols {
+                    *a += dy * widen(z);
+                    g.write(k * dy);
+                }
+            }
+            acc
+        })
+        .collect();
+    // SAFETY: `kdy`'s blocks and rows have the lengths of `dy`'s (all whole rows of `out`,
+    // asserted above), and the loop wrote every element of every row.
+    unsafe { kdy.set_len(len) };
+    (kdy, partials)
 }
 
 /// `y[i, o] = c[o] · x[i, o]` for rows of `width` (DoRA's `k⊙z`, `(k−1)⊙dy`), in parallel,
