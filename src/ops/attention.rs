@@ -23,7 +23,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::bands::Bands;
-use super::bf16::{from_bits, gemm_bf16, round_slice, to_bits, Bf16Ref, ComputeDtype, PairRows};
+use super::bf16::{
+    from_bits, gemm_bf16, round_slice, to_bits, Bf16Ref, ComputeDtype, PairRows, GEMV_ROWS,
+};
 use super::kept::Kept;
 use super::mat::{gemm, Accum, MatMut, MatRef, Par};
 use super::math::{dot, softmax_replay, softmax_scaled};
@@ -99,6 +101,18 @@ impl<'a> Rows<'a> {
             Rows::F32(v) => Operand::F32(MatRef::strided(&v[at..], rows, cols, stride)),
             Rows::Bf16(v) => Operand::Bf16(Bf16Ref::strided(&v[at..], rows, cols, stride)),
         }
+    }
+}
+
+/// What the products over `queries` query rows a sequence compute in: `c`, except that a few
+/// rows (decoding after a KV cache) stay f32. There each key is read once, so rounding the whole
+/// cache to bf16 and packing it costs more than the f32 product it replaces (decoding
+/// llama-small-1024 had dropped from 36–44 to 29–31 tokens/s).
+fn products_in(c: ComputeDtype, queries: usize) -> ComputeDtype {
+    if queries <= GEMV_ROWS {
+        ComputeDtype::F32
+    } else {
+        c
     }
 }
 
@@ -255,7 +269,8 @@ fn probabilities<'s>(
 
 /// Attention over `span`: the context (b·tq, H·Dh) for `q` (b·tq, H·Dh) after RoPE and `k`, `v`
 /// (b·tk, Hkv·Dh), and what backward needs of the probabilities: all of them with
-/// `keep_probs` (b·H, tq, tk), else each row's softmax statistics. The products compute in `c`.
+/// `keep_probs` (b·H, tq, tk), else each row's softmax statistics. The products compute in `c`
+/// (f32 for a few query rows, see [`products_in`]).
 ///
 /// # Panics
 /// If a slice is too short for its shape.
@@ -276,6 +291,7 @@ pub fn forward(
     let (qs, ks) = (h * dh, hkv * dh);
     let mut stats = vec![[0f32; 2]; b * h * tq];
     let kept_len = if keep_probs { b * h * tq * tk } else { 0 };
+    let c = products_in(c, tq);
     let (q, k, v) = (Rows::new(q, c), Rows::new(k, c), Rows::new(v, c));
     let bf16 = c.is_bf16();
     // SAFETY: head `hi` of sequence `bi` writes columns `hi·dh..+dh` of rows `bi·tq..+tq`
@@ -356,6 +372,7 @@ pub fn backward(
     let scale = 1.0 / (dh as f32).sqrt();
     let (qs, ks) = (h * dh, hkv * dh);
     let span = Span::square(b, t);
+    let c = products_in(c, t);
     let (q, k, v) = (Rows::new(q, c), Rows::new(k, c), Rows::new(v, c));
     let dctx = Rows::new(dctx, c);
     let bf16 = c.is_bf16();
