@@ -181,31 +181,23 @@ fn scaled_with_sums<Z: Copy + Sync>(
     out: usize,
     widen: impl Fn(Z) -> f32 + Sync,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let len = dy.len();
-    assert!(z.len() == len && k.len() == out && len.is_multiple_of(out.max(1)));
-    let block = out * ROWS;
-    let mut kdy = Vec::with_capacity(len);
-    let partials = kdy.spare_capacity_mut()[..len]
-        .par_chunks_mut(block)
-        .zip(dy.par_chunks(block).zip(z.par_chunks(block)))
-        .map(|(gb, (db, zb))| {
-            let mut acc = vec![0f32; out];
-            let rows = gb.chunks_mut(out).zip(db.chunks(out).zip(zb.chunks(out)));
-            for (g, (dy, z)) in rows {
-                // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
-                let cols = acc.iter_mut().zip(g).zip(dy.iter().zip(z).zip(k));
-                for ((a, g), ((&dy, &z), &k)) in cols {
-                    *a += dy * widen(z);
-                    g.write(k * dy);
-                }
-            }
-            acc
-        })
-        .collect();
-    // SAFETY: `kdy`'s blocks and rows have the lengths of `dy`'s (all whole rows of `out`,
-    // asserted above), and the loop wrote every element of every row.
-    unsafe { kdy.set_len(len) };
-    (kdy, partials)
+    let rows = dy.len() / out.max(1);
+    assert!(z.len() == dy.len() && k.len() == out && rows * out == dy.len());
+    uninit::new_rows_folded(
+        rows,
+        out,
+        ROWS,
+        || vec![0f32; out],
+        |acc, i, row| {
+            let (dy, z) = (&dy[i * out..][..out], &z[i * out..][..out]);
+            // zipped, not indexed: the indexed loop kept its bounds checks and ran scalar
+            let cols = acc.iter_mut().zip(dy.iter().zip(z).zip(k));
+            row.fill(cols.map(|(a, ((&dy, &z), &k))| {
+                *a += dy * widen(z);
+                k * dy
+            }))
+        },
+    )
 }
 
 /// `y[i, o] = c[o] · x[i, o]` for rows of `width` (DoRA's `k⊙z`, `(k−1)⊙dy`), in parallel,

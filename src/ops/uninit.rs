@@ -158,9 +158,71 @@ pub fn new_rows_with(
     v
 }
 
+/// [`new_rows`] over fixed blocks of `block_rows` rows (the last one shorter), each block
+/// folding a state of its own over its rows in order, `f(state, i, row)`, from `init()`:
+/// returns the matrix and the blocks' states in block order. (A pass that writes one result and
+/// sums another per row block: the fixed blocks keep the sums independent of the thread count.)
+///
+/// # Panics
+/// If `f` leaves a row unfilled, or `block_rows` is 0.
+pub fn new_rows_folded<T: Send>(
+    rows: usize,
+    width: usize,
+    block_rows: usize,
+    init: impl Fn() -> T + Sync,
+    f: impl Fn(&mut T, usize, Row<'_>) + Sync,
+) -> (Vec<f32>, Vec<T>) {
+    assert!(block_rows > 0, "blocks of no rows");
+    let mut v = Vec::with_capacity(rows * width);
+    let states = if width > 0 {
+        v.spare_capacity_mut()[..rows * width]
+            .par_chunks_mut(width * block_rows)
+            .enumerate()
+            .map(|(blk, block)| {
+                let mut state = init();
+                fill_block(block, width, blk * block_rows, |i, row| {
+                    f(&mut state, i, row)
+                });
+                state
+            })
+            .collect()
+    } else {
+        (0..rows.div_ceil(block_rows)).map(|_| init()).collect()
+    };
+    // SAFETY: every row of every block was filled whole (checked by `fill_block`).
+    unsafe { v.set_len(rows * width) };
+    (v, states)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folded_rows_keep_one_state_per_block_in_order() {
+        let (rows, width) = (37, 3);
+        let (v, sums) = new_rows_folded(
+            rows,
+            width,
+            8,
+            || 0usize,
+            |s, i, row| {
+                *s += i;
+                row.fill((0..width).map(|j| (i * 10 + j) as f32))
+            },
+        );
+        for i in 0..rows {
+            for j in 0..width {
+                assert_eq!(v[i * width + j], (i * 10 + j) as f32);
+            }
+        }
+        let want: Vec<usize> = (0..rows)
+            .collect::<Vec<_>>()
+            .chunks(8)
+            .map(|c| c.iter().sum())
+            .collect();
+        assert_eq!(sums, want);
+    }
 
     #[test]
     fn rows_are_built_in_place() {
