@@ -17,6 +17,7 @@
 //! autocast: q, k, v and the context gradient are rounded to bf16 once per call ([`Rows`]), the
 //! probabilities and `dS` as the products pack them; the softmax and its statistics stay f32.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use half::bf16;
@@ -75,19 +76,28 @@ impl Span {
 }
 
 /// Token rows of q, k, v or the context gradient as the products read them: the f32 values, or
-/// a bf16 copy rounded once (bf16 compute), so that the blocks and heads sharing a key row do
-/// not each round it again.
+/// bf16 ones rounded once (bf16 compute), so that the blocks and heads sharing a key row do
+/// not each round it again; borrowed where they are held so already.
 enum Rows<'a> {
-    F32(&'a [f32]),
-    Bf16(Vec<bf16>),
+    F32(Cow<'a, [f32]>),
+    Bf16(Cow<'a, [bf16]>),
 }
 
 impl<'a> Rows<'a> {
     fn new(v: &'a [f32], c: ComputeDtype) -> Self {
         if c.is_bf16() {
-            Rows::Bf16(round_slice(v))
+            Rows::Bf16(Cow::Owned(round_slice(v)))
         } else {
-            Rows::F32(v)
+            Rows::F32(Cow::Borrowed(v))
+        }
+    }
+
+    /// Rows saved for backward: a bf16 copy is read as it is (not widened, then rounded again).
+    fn kept(v: &'a Kept, c: ComputeDtype) -> Self {
+        match (v, c.is_bf16()) {
+            (Kept::Bf16(b), true) => Rows::Bf16(Cow::Borrowed(b)),
+            (Kept::F32(f), true) => Rows::new(f, c),
+            (v, false) => Rows::F32(v.f32()),
         }
     }
 
@@ -349,13 +359,13 @@ pub fn forward(
 
 /// Gradients of [`forward`] over `b` sequences of `t` tokens (training's square span): `(dq,
 /// dk, dv)` for the context gradient `dctx` (b·t, H·Dh), before any inverse RoPE. The products
-/// compute in `c`, as the forward's did.
+/// compute in `c`, as the forward's did; `v` is read as it was kept.
 ///
 /// # Panics
 /// If a slice is too short for its shape.
 pub fn backward(
     hd: &Heads,
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    (q, k, v): (&[f32], &[f32], &Kept),
     probs: &Probs,
     dctx: &[f32],
     (b, t): (usize, usize),
@@ -373,7 +383,7 @@ pub fn backward(
     let (qs, ks) = (h * dh, hkv * dh);
     let span = Span::square(b, t);
     let c = products_in(c, t);
-    let (q, k, v) = (Rows::new(q, c), Rows::new(k, c), Rows::new(v, c));
+    let (q, k, v) = (Rows::new(q, c), Rows::new(k, c), Rows::kept(v, c));
     let dctx = Rows::new(dctx, c);
     let bf16 = c.is_bf16();
     // Per (sequence, kv group), in parallel: dq of its heads, dk and dv of the group, each
@@ -515,7 +525,8 @@ mod tests {
             let run = |c: ComputeDtype, keep: bool| {
                 let (ctx, mut probs) = forward(&hd, (&q, &k, &v), span, keep, c);
                 probs.keep_in(c);
-                let (dq, dk, dv) = backward(&hd, (&q, &k, &v), &probs, &dctx, (b, t), c);
+                let kept_v = Kept::F32(v.clone());
+                let (dq, dk, dv) = backward(&hd, (&q, &k, &kept_v), &probs, &dctx, (b, t), c);
                 [ctx, dq, dk, dv]
             };
             let want = run(ComputeDtype::F32, true);

@@ -287,7 +287,6 @@ impl Attention {
         let hd = self.heads();
         let (dctx, o_grads) = self.o_proj.backward(o_lin, &ctx.f32(), dy, n);
         drop(ctx);
-        let v = v.f32();
         let c = self.compute_dtype();
         let (mut dq, mut dk, dv) = core::backward(&hd, (&q, &k, &v), &probs, &dctx, (b, t), c);
         drop((q, k, v));
