@@ -375,19 +375,19 @@ impl QuantizedWeight {
 
     /// `y = x · Wᵀ` with bf16 operands: the codes decoded straight into bf16 panels.
     fn matmul_t_bf16(&self, x: &[f32], m: usize) -> Vec<f32> {
-        ops::bf16::matmul(x, m, &Nf4Pairs::new(self.view(), self.dtype, true))
+        ops::bf16::matmul(x, m, &self.bf16_pairs(true))
     }
 
     /// `W (out × in)` or, `transposed`, `Wᵀ` as a bf16 pair operand, the codes decoded as the
-    /// bf16 products decode them: what PEFT-form DoRA's dropped-element passes
-    /// (`ops::bf16::dropped`) read.
+    /// bf16 products decode them: what both bf16 products and PEFT-form DoRA's dropped-element
+    /// passes (`ops::bf16::dropped`) read.
     pub fn bf16_pairs(&self, transposed: bool) -> Nf4Pairs<'_> {
         Nf4Pairs::new(self.view(), self.dtype, transposed)
     }
 
     /// `dx = dy · W` with bf16 operands.
     fn matmul_bf16(&self, dy: &[f32], m: usize) -> Vec<f32> {
-        ops::bf16::matmul(dy, m, &Nf4Pairs::new(self.view(), self.dtype, false))
+        ops::bf16::matmul(dy, m, &self.bf16_pairs(false))
     }
 
     /// `y = x · Wᵀ` and `y2 = x2 · Wᵀ` (`x2` of `m2 × in`) from one pass of dequantized tiles
