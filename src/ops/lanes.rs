@@ -210,6 +210,22 @@ mod imp {
     }
 }
 
+/// Asks for the cache line holding `p` to be brought into L1 ahead of its use. A hint: it never
+/// faults, so `p` may lie past the end of the data (form it with `wrapping_add`). The hand-walked
+/// kernels that stride down rows (the low-rank input side) run out of the hardware prefetchers'
+/// reach and wait on memory without it.
+#[inline(always)]
+pub fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that does not access memory architecturally: any address is
+    // allowed and none faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Eight f32 lanes.
 #[derive(Clone, Copy)]
 pub struct F8(imp::F);
