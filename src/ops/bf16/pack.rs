@@ -9,6 +9,8 @@
 
 use std::cell::RefCell;
 
+use crate::ops::lanes::F8;
+
 /// One run's pairs into `slots`: `slots[p]` = `(run[2p], run[2p + 1])`, the high half zero
 /// past an odd end and the slots past the run zero (`run` holds at most `2·slots.len()`
 /// values); `bits` rounds one element to bf16 bits. One column of a left panel laid out by
@@ -56,15 +58,49 @@ pub(super) fn pairs_along_runs<T: Copy>(
         for (row, run) in scratch.chunks_exact_mut(kp).zip(runs) {
             run_pairs(run, &bits, row);
         }
-        for (j, row) in scratch.chunks_exact(kp).enumerate() {
-            for (o, &v) in out[j..].iter_mut().step_by(width).zip(row) {
-                *o = v;
-            }
-        }
+        interleave(scratch, nj, kp, width, out);
     });
     if nj < width {
         for slot in out.chunks_exact_mut(width) {
             slot[nj..].fill(0);
+        }
+    }
+}
+
+/// `out[p·width + j] = scratch[j·kp + p]` for `j < nj`, `p < kp`: the scratch rows written
+/// down the columns of `out`, as 8 × 8 transposes of lanes where whole blocks fit (the scalar
+/// strided stores had cost as much as the attention products themselves; the lanes carry the
+/// bits, so any u32 passes unchanged).
+fn interleave(scratch: &[u32], nj: usize, kp: usize, width: usize, out: &mut [u32]) {
+    assert!(scratch.len() >= nj * kp && out.len() >= kp * width && nj <= width);
+    let (nj8, kp8) = (nj / 8 * 8, kp / 8 * 8);
+    for j0 in (0..nj8).step_by(8) {
+        for p0 in (0..kp8).step_by(8) {
+            // SAFETY: rows j0..j0 + 8 ≤ nj of the scratch hold pairs p0..p0 + 8 ≤ kp, and
+            // rows p0..p0 + 8 of `out` hold slots j0..j0 + 8 ≤ width (asserted above); u32
+            // and f32 have the same size and alignment, and the lanes move bits unchanged.
+            unsafe {
+                let rows: [F8; 8] = std::array::from_fn(|r| {
+                    F8::load_ptr(scratch.as_ptr().add((j0 + r) * kp + p0).cast())
+                });
+                for (c, v) in F8::transpose(rows).into_iter().enumerate() {
+                    v.store_ptr(out.as_mut_ptr().add((p0 + c) * width + j0).cast());
+                }
+            }
+        }
+        for j in j0..j0 + 8 {
+            for p in kp8..kp {
+                out[p * width + j] = scratch[j * kp + p];
+            }
+        }
+    }
+    for (j, row) in scratch[..nj * kp]
+        .chunks_exact(kp.max(1))
+        .enumerate()
+        .skip(nj8)
+    {
+        for (o, &v) in out[j..].iter_mut().step_by(width).zip(row) {
+            *o = v;
         }
     }
 }
@@ -104,5 +140,30 @@ pub(super) fn pairs_across_rows<'a, T: Copy + 'a>(
             }
         }
         slot[nj..].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interleave;
+
+    /// The blocked interleave writes what the plain strided loop writes, on every mix of whole
+    /// 8 × 8 blocks and tails in both directions, and leaves the slots past `nj` alone.
+    #[test]
+    fn interleave_matches_the_strided_loop() {
+        for (nj, kp, width) in [(0, 5, 8), (3, 3, 8), (8, 8, 8), (9, 17, 16), (16, 24, 32)] {
+            let scratch: Vec<u32> = (0..nj * kp)
+                .map(|i| 0x9e37_79b9u32.wrapping_mul(i as u32 + 1))
+                .collect();
+            let mut fast = vec![7u32; kp * width];
+            let mut slow = vec![7u32; kp * width];
+            interleave(&scratch, nj, kp, width, &mut fast);
+            for j in 0..nj {
+                for p in 0..kp {
+                    slow[p * width + j] = scratch[j * kp + p];
+                }
+            }
+            assert_eq!(fast, slow, "nj={nj} kp={kp} width={width}");
+        }
     }
 }

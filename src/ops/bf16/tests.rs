@@ -360,6 +360,9 @@ fn fast_packing_matches_element_by_element() {
         (40, 2, 0, 11, 32),
         (2, 0, 0, 11, 16),
         (0, 4, 0, 0, 8),
+        // whole 8 × 8 blocks of the transposing interleave, alone and with tails
+        (0, 8, 0, 8, 8),
+        (6, 12, 2, 8, 16),
     ];
     for (name, view) in &views {
         for (k0, kp, j0, nj, width) in blocks {
