@@ -152,10 +152,14 @@ fn gemm_pass(
             lhs_t.pack_pairs_by_column(2 * QP * q, QP, i0, MB.min(m - i0), MB, tile);
         }
     };
+    let panels = &mut apack[..mpan * panel_len];
     if threads > 1 {
-        apack.par_chunks_mut(panel_len).enumerate().for_each(pack_a);
+        panels
+            .par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(pack_a);
     } else {
-        apack.chunks_mut(panel_len).enumerate().for_each(pack_a);
+        panels.chunks_mut(panel_len).enumerate().for_each(pack_a);
     }
     let block = chunks * QP * NB;
     let most_panels = (TASK_B_BYTES / (4 * block)).clamp(1, TASK_PANELS);

@@ -135,10 +135,14 @@ fn gemm_pass(
             lhs_t.pack_pairs(0, kp, i0, rows, MR, panel);
         }
     };
+    let panels = &mut apack[..mpan * panel_len];
     if threads > 1 {
-        apack.par_chunks_mut(panel_len).enumerate().for_each(pack_a);
+        panels
+            .par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(pack_a);
     } else {
-        apack.chunks_mut(panel_len).enumerate().for_each(pack_a);
+        panels.chunks_mut(panel_len).enumerate().for_each(pack_a);
     }
     let most_panels = (TASK_B_BYTES / (4 * NR * KCP.min(kp))).clamp(1, TASK_PANELS);
     let split = Split::new(npan, mpan, threads, most_panels);
