@@ -69,7 +69,7 @@ pub(super) fn pairs_along_runs<T: Copy>(
 
 /// `out[p·width + j] = scratch[j·kp + p]` for `j < nj`, `p < kp`: the scratch rows written
 /// down the columns of `out`, as 8 × 8 transposes of lanes where whole blocks fit (the scalar
-/// strided stores had cost as much as the attention products themselves; the lanes carry the
+/// strided stores had cost half as much as the attention core's products; the lanes carry the
 /// bits, so any u32 passes unchanged).
 fn interleave(scratch: &[u32], nj: usize, kp: usize, width: usize, out: &mut [u32]) {
     assert!(scratch.len() >= nj * kp && out.len() >= kp * width && nj <= width);
