@@ -37,6 +37,7 @@ impl<'a> Nf4Pairs<'a> {
     /// The 16 values of block `b` as bf16 bits: `code · absmax`, rounded to the stored dtype,
     /// then to bf16 (what `dequantize_4bit` returns, read in bf16), computed once per block of
     /// codes instead of once per element.
+    ///
     /// A plain loop over fixed-size arrays, so that it compiles to a few 16-lane instructions
     /// (`array::map` had stayed an out-of-line call per block, 1.5 % of a QDoRA bf16 step).
     #[inline]
